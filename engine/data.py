@@ -1,0 +1,411 @@
+"""Data: read a source, map labels to ids, tokenize (cached), build the loaders.
+
+Knows nothing about devices: loaders yield CPU tensors and the backend moves them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+
+from engine.config import DataConfig, ProblemType
+from engine.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+
+class DataError(EngineError, ValueError):
+    """Bad or unreadable input data; the message names the file, line or column."""
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+
+
+def _first_bad_utf8_line(path: Path) -> tuple[int, int]:
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return line_number, error.start + 1
+    return 0, 0
+
+
+def read_table(path: str | os.PathLike, data: DataConfig) -> pd.DataFrame:
+    """Read one local file into a DataFrame of strings (csv/tsv) or JSON values."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    fmt = data.format or FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"{path}: cannot tell the format from the extension {path.suffix!r}; "
+            "set data.format to one of csv, tsv, json, jsonl, parquet"
+        )
+    try:
+        if fmt in ("csv", "tsv"):
+            frame = pd.read_csv(
+                path,
+                sep="\t" if fmt == "tsv" else ",",
+                quoting=csv.QUOTE_NONE if data.quoting == "none" else csv.QUOTE_MINIMAL,
+                encoding="utf-8-sig",  # tolerate a byte-order mark (GLUE's TSVs carry one)
+                dtype=str,
+                keep_default_na=False,
+                engine="c",
+            )
+        elif fmt in ("json", "jsonl"):
+            lines = fmt == "jsonl" or _looks_like_jsonl(path)
+            frame = pd.read_json(path, lines=lines, dtype=False, encoding="utf-8")
+        else:
+            frame = pd.read_parquet(path)
+    except UnicodeDecodeError as error:
+        line, column = _first_bad_utf8_line(path)
+        raise DataError(f"{path}:{line}:{column}: not valid UTF-8 ({error.reason})") from None
+    except pd.errors.ParserError as error:
+        raise DataError(f"{path}: cannot parse as {fmt}: {error}") from None
+    except ValueError as error:
+        raise DataError(f"{path}: cannot parse as {fmt}: {error}") from None
+    frame.columns = [str(c) for c in frame.columns]
+    return frame
+
+
+def _looks_like_jsonl(path: Path) -> bool:
+    with open(path, encoding="utf-8-sig") as handle:
+        head = handle.read(1).strip()
+    return head == "{"
+
+
+def _hub_splits(data: DataConfig) -> dict[str, pd.DataFrame]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(data.name, data.subset)
+    except Exception as error:  # the hub raises many types: connection, not found, offline
+        raise DataError(
+            f"cannot load the hub data set {data.name!r} (subset {data.subset!r}): "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
+            "This machine may be offline. Use local files instead: data=mrpc (bundled) or "
+            "data=csv data.train_file=... data.validation_file=... data.text_column=..."
+        ) from None
+    return {split: loaded[split].to_pandas() for split in loaded}
+
+
+# ---------------------------------------------------------------------------
+# Labels
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class LabelSpace:
+    names: list[str]
+    problem_type: ProblemType
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.names)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+    return None
+
+
+def build_label_space(train_labels: Sequence[Any], data: DataConfig) -> LabelSpace:
+    """Decide the label names from the config or the training labels."""
+    if data.label_names is not None:
+        names = [str(n) for n in data.label_names]
+    else:
+        values = list(train_labels)
+        if data.problem_type == ProblemType.multi_label_classification:
+            values = [v for row in values for v in _split_multi(row)]
+        ints = [_as_int(v) for v in values]
+        if values and all(i is not None for i in ints):
+            count = data.num_labels or (max(ints) + 1)  # type: ignore[type-var]
+            names = [str(i) for i in range(count)]
+        else:
+            names = sorted({str(v).strip() for v in values})
+    if data.num_labels is not None and data.num_labels != len(names):
+        raise DataError(f"data.num_labels={data.num_labels} but the labels are {len(names)}: {names[:10]}")
+    return LabelSpace(names=names, problem_type=data.problem_type)
+
+
+def _split_multi(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return list(value)
+    return [part for part in str(value).split(",") if part.strip() != ""]
+
+
+def encode_labels(values: Sequence[Any], space: LabelSpace, where: str) -> list[Any]:
+    """Map raw label values to ids (or multi-hot rows); name every bad value with its rows."""
+    label2id = space.label2id
+    bad: dict[str, list[int]] = {}
+
+    def to_id(value: Any, row: int) -> int:
+        text = str(value).strip()
+        if text in label2id:
+            return label2id[text]
+        number = _as_int(value)
+        if number is not None and 0 <= number < space.num_labels:
+            return number
+        bad.setdefault(text, []).append(row)
+        return -1
+
+    encoded: list[Any] = []
+    for row, value in enumerate(values):
+        if space.problem_type == ProblemType.multi_label_classification:
+            hot = [0.0] * space.num_labels
+            for part in _split_multi(value):
+                index = to_id(part, row)
+                if index >= 0:
+                    hot[index] = 1.0
+            encoded.append(hot)
+        else:
+            encoded.append(to_id(value, row))
+    if bad:
+        examples = ", ".join(
+            f"{value!r} ({len(rows)} rows, first at data row {rows[0] + 1})" for value, rows in list(bad.items())[:5]
+        )
+        raise DataError(
+            f"{where}: {sum(len(r) for r in bad.values())} labels are not among the {space.num_labels} "
+            f"labels {space.names[:10]}: {examples}"
+        )
+    return encoded
+
+
+# ---------------------------------------------------------------------------
+# Splits: read, check, encode, tokenize
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class RawSplit:
+    name: str
+    source: str  # file path or hub id, for messages
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[Any]
+
+
+def _split_sources(data: DataConfig) -> dict[str, str | None]:
+    return {"train": data.train_file, "validation": data.validation_file, "test": data.test_file}
+
+
+def read_raw_splits(data: DataConfig, want: Sequence[str]) -> dict[str, RawSplit]:
+    """Read the wanted splits (``train``, ``validation``, ``test``) with their columns checked."""
+    hub_names = {"train": data.train_split, "validation": data.eval_split, "test": data.test_split}
+    frames: dict[str, tuple[str, pd.DataFrame]] = {}
+    if data.name is not None:
+        hub = _hub_splits(data)
+        for split in want:
+            hub_split = hub_names[split]
+            if hub_split is None or hub_split not in hub:
+                if split == "test":
+                    continue
+                raise DataError(f"hub data set {data.name!r} has no split {hub_split!r}; it has {sorted(hub)}")
+            frames[split] = (f"{data.name}/{data.subset or ''}:{hub_split}", hub[hub_split])
+    else:
+        for split in want:
+            path = _split_sources(data)[split]
+            if path is None:
+                continue
+            frames[split] = (str(path), read_table(path, data))
+
+    columns = [data.text_column] + ([data.text_pair_column] if data.text_pair_column else []) + [data.label_column]
+    splits: dict[str, RawSplit] = {}
+    for split, (source, frame) in frames.items():
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise DataError(
+                f"{source}: no column {', '.join(repr(c) for c in missing)} "
+                f"(set data.text_column / data.text_pair_column / data.label_column); "
+                f"the file has columns {list(frame.columns)}"
+            )
+        if len(frame) == 0:
+            raise DataError(f"{source}: the {split} split is empty (no data rows)")
+        limit = data.max_train_samples if split == "train" else data.max_eval_samples
+        if limit is not None:
+            frame = frame.iloc[:limit]
+        texts = frame[data.text_column].astype(str).tolist()
+        pairs = frame[data.text_pair_column].astype(str).tolist() if data.text_pair_column else None
+        splits[split] = RawSplit(split, source, texts, pairs, frame[data.label_column].tolist())
+    return splits
+
+
+def tokenize_split(
+    raw: RawSplit,
+    label_ids: list[Any],
+    tokenizer: Any,
+    data: DataConfig,
+):
+    """Tokenize with ``datasets.map(batched=True)``; the result is cached on disk by content."""
+    import datasets
+
+    columns: dict[str, list[Any]] = {"text": raw.texts, "labels": label_ids}
+    if raw.pairs is not None:
+        columns["text_pair"] = raw.pairs
+    table = datasets.Dataset.from_dict(columns)
+
+    key = hashlib.sha256()
+    for part in (
+        type(tokenizer).__name__,
+        str(getattr(tokenizer, "name_or_path", "")),
+        str(len(tokenizer)),
+        str(data.max_length),
+        repr(label_ids[:1]),
+    ):
+        key.update(part.encode())
+    for name in sorted(columns):
+        key.update(name.encode())
+        key.update("\x1f".join(map(str, columns[name])).encode())
+    cache_dir = Path(data.cache_dir or Path.home() / ".cache" / "engine" / "tokenized").expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_file = cache_dir / f"{raw.name}-{key.hexdigest()[:24]}.arrow"
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        return tokenizer(
+            batch["text"],
+            batch.get("text_pair"),
+            truncation=True,
+            max_length=data.max_length,
+        )
+
+    remove = [c for c in table.column_names if c != "labels"]
+    return table.map(
+        encode,
+        batched=True,
+        batch_size=1000,
+        remove_columns=remove,
+        cache_file_name=str(cache_file),
+        load_from_cache_file=True,
+        desc=f"tokenize {raw.name}",
+    )
+
+
+# ---------------------------------------------------------------------------
+# Samplers and loaders
+# ---------------------------------------------------------------------------
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation that depends only on (seed, epoch): reproducible and resumable."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + 7919 * self.epoch)
+        yield from torch.randperm(self.size, generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class LengthSortedSampler(Sampler[int]):
+    """Indices longest first, so each evaluation batch holds similar lengths (little padding)."""
+
+    def __init__(self, lengths: Sequence[int]) -> None:
+        self.order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+@dataclass
+class DataBundle:
+    labels: LabelSpace
+    train: Any | None  # datasets.Dataset
+    eval: Any
+    test: Any | None
+    train_label_counts: list[int]
+    sources: dict[str, str]
+
+
+def label_counts(label_ids: Sequence[Any], space: LabelSpace) -> list[int]:
+    if space.problem_type == ProblemType.multi_label_classification:
+        return [int(x) for x in np.asarray(label_ids, dtype=np.float64).sum(axis=0)] if label_ids else []
+    counts = Counter(label_ids)
+    return [counts.get(i, 0) for i in range(space.num_labels)]
+
+
+def load_data(data: DataConfig, tokenizer: Any, with_train: bool = True, with_test: bool = False) -> DataBundle:
+    want = (["train"] if with_train else []) + ["validation"] + (["test"] if with_test else [])
+    raw = read_raw_splits(data, want)
+    if with_train and "train" not in raw:
+        raise DataError("no training split: set data.train_file (or data.name for a hub data set)")
+    if "validation" not in raw:
+        raise DataError("no evaluation split: set data.validation_file (or data.eval_split for a hub data set)")
+    space = build_label_space(raw["train"].labels if with_train else raw["validation"].labels, data)
+    encoded = {name: encode_labels(split.labels, space, split.source) for name, split in raw.items()}
+    tokenized = {name: tokenize_split(split, encoded[name], tokenizer, data) for name, split in raw.items()}
+    return DataBundle(
+        labels=space,
+        train=tokenized.get("train"),
+        eval=tokenized["validation"],
+        test=tokenized.get("test"),
+        train_label_counts=label_counts(encoded["train"], space) if with_train else [],
+        sources={name: split.source for name, split in raw.items()},
+    )
+
+
+def make_collator(tokenizer: Any, data: DataConfig):
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=data.pad_to_multiple_of, return_tensors="pt")
+
+
+def train_loader(dataset: Any, batch_size: int, seed: int, collator: Any, num_workers: int = 0):
+    """Shuffled batches; call ``loader.batch_sampler.sampler.set_epoch(epoch)`` (the loop does)."""
+    sampler = EpochShuffleSampler(len(dataset), seed)
+    batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers)
+
+
+def eval_loader(dataset: Any, batch_size: int, collator: Any, num_workers: int = 0):
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return DataLoader(
+        dataset,
+        sampler=LengthSortedSampler(lengths),
+        batch_size=batch_size,
+        collate_fn=collator,
+        num_workers=num_workers,
+    )

@@ -1,0 +1,382 @@
+"""``train(cfg)``: the explicit training loop, readable top to bottom.
+
+Set-up builds each component in its own step (backend, data, model, optimizer,
+schedule); the loop itself is one function: forward, backward, clip, step, log,
+evaluate, keep the best.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from engine import checkpoint, tracking
+from engine.backend import Backend, make_backend
+from engine.config import Config, OptimConfig, ProblemType, validate
+from engine.data import eval_loader, load_data, make_collator, train_loader
+from engine.errors import EngineError
+from engine.metrics import compute_metrics
+from engine.model import build_model, load_tokenizer, plain_state_dict, resolve_class_weights
+
+log = logging.getLogger("engine.loop")
+
+
+# ---------------------------------------------------------------------------
+# Set-up steps
+# ---------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def resolve_run_dir(cfg: Config, backend: Backend) -> Path:
+    """Rank 0 decides the run directory; every other rank follows it."""
+    own: str | None = cfg.output_dir
+    if own is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            own = HydraConfig.get().runtime.output_dir
+        except ValueError:  # train(cfg) called outside @hydra.main
+            own = str(Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+    chosen = backend.broadcast_object(own)
+    if not backend.is_main_process and os.path.abspath(own) != os.path.abspath(chosen):
+        _discard_stray_run_dir(Path(own))
+    run_dir = Path(chosen)
+    if backend.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    backend.wait_for_everyone()
+    return run_dir
+
+
+def _discard_stray_run_dir(folder: Path) -> None:
+    """Hydra made a run dir on this non-zero rank too: remove it if it holds only Hydra's own files."""
+    if not folder.is_dir():
+        return
+    names = {p.name for p in folder.iterdir()}
+    log_file = folder / tracking.LOG_FILE
+    if names <= {".hydra", tracking.LOG_FILE} and (not log_file.exists() or log_file.stat().st_size == 0):
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on weight matrices only (not biases, not LayerNorm)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim < 2 or name.endswith(".bias") or "LayerNorm" in name or "layer_norm" in name:
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    fused = optim.fused if optim.fused is not None else device.type == "cuda"
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        fused=fused or None,
+    )
+
+
+def micro_batch_groups(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Yield lists of ``size`` consecutive batches (the last may be shorter): one optimizer step each."""
+    group: list[dict[str, torch.Tensor]] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    classifier: torch.nn.Module,
+    backend: Backend,
+    micro_batches: list[dict[str, torch.Tensor]],
+) -> torch.Tensor:
+    """Forward and backward over the micro-batches of one optimizer step; returns the step's loss.
+
+    One denominator serves the whole step, summed over processes, so ``k`` micro-batches on
+    ``W`` processes give exactly the gradient of one ``k*W``-times batch, also with class
+    weights (weighted cross-entropy's mean divides by the sum of the targets' weights).
+    """
+    denominator = sum(classifier.loss_denominator(b["labels"]) for b in micro_batches)
+    denominator = backend.reduce_sum(denominator) / backend.num_processes
+    step_loss = torch.zeros((), device=backend.device)
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        # Skip the gradient all-reduce on all but the last micro-batch.
+        with contextlib.nullcontext() if last else backend.no_sync(model):
+            with backend.autocast():
+                loss = model(**batch, loss_denominator=denominator).loss
+            backend.backward(loss)
+        step_loss += loss.detach()
+    return step_loss
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module,
+    loader: Any,
+    backend: Backend,
+    problem_type: ProblemType,
+    progress: bool = False,
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Loss and metrics over every sample of ``loader``, gathered from all processes exactly once."""
+    from tqdm.auto import tqdm
+
+    classifier = backend.unwrap_model(model)
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not (progress and backend.is_main_process)):
+        batch = backend.to_device(batch)
+        with backend.autocast():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        all_logits.append(backend.gather_for_metrics(logits.float()))
+        all_labels.append(backend.gather_for_metrics(batch["labels"]))
+    logits = torch.cat(all_logits)
+    labels = torch.cat(all_labels)
+    loss = classifier.loss_from_logits(logits, labels)
+    logits_np, labels_np = logits.cpu().numpy(), labels.cpu().numpy()
+    metrics = {"loss": float(loss), **compute_metrics(logits_np, labels_np, problem_type)}
+    metrics["samples"] = int(labels_np.shape[0])
+    model.train()
+    return metrics, logits_np, labels_np
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+
+def train(cfg: DictConfig | Config) -> float:
+    """Fine-tune, evaluate and keep the best checkpoint; return the best dev metric."""
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    started = time.perf_counter()
+    config = validate(cfg) if isinstance(cfg, DictConfig) else cfg
+    resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    t = config.trainer
+
+    # --- Set-up: backend, run dir, logs ------------------------------------------------
+    backend = make_backend(config.backend, t.mixed_precision)
+    run_dir = resolve_run_dir(config, backend)
+    tracking.setup_logging(run_dir, backend.is_main_process)
+    log.info("run dir %s | backend %s | %d process(es) | device %s", run_dir, backend.name,
+             backend.num_processes, backend.device)
+    seed_everything(config.seed)
+
+    # --- Data: read, map labels, tokenize (rank 0 fills the cache first) ---------------
+    tokenizer = load_tokenizer(config.model)
+    with backend.main_process_first():
+        data = load_data(config.data, tokenizer, with_train=t.do_train, with_test=t.evaluate_test)
+    labels = data.labels
+    if t.do_train and len(data.train) < backend.num_processes:
+        raise EngineError(
+            f"{data.sources['train']}: {len(data.train)} training rows for {backend.num_processes} processes"
+        )
+    log.info("data: %s | labels %s", {k: len(v) for k, v in
+             (("train", data.train), ("eval", data.eval), ("test", data.test)) if v is not None}, labels.names)
+
+    # --- Model with the weighted loss in its forward -----------------------------------
+    n_train = len(data.train) if data.train is not None else 0
+    class_weights = resolve_class_weights(
+        config.loss.class_weights, data.train_label_counts, labels.problem_type, n_train
+    )
+    if class_weights is not None:
+        log.info("class weights: %s", [round(w, 4) for w in class_weights])
+    seed_everything(config.seed)  # the same initial head whatever the data step consumed
+    model = build_model(config.model, labels.num_labels, labels.id2label, labels.problem_type, class_weights)
+
+    collator = make_collator(tokenizer, config.data)
+    dev_loader = eval_loader(data.eval, t.eval_batch_size, collator, config.data.num_workers)
+    train_dl = train_loader(data.train, t.batch_size, config.seed, collator, config.data.num_workers)
+    sampler = train_dl.batch_sampler.sampler  # kept: the loop sets its epoch
+    optimizer = build_optimizer(model, config.optim, backend.device)
+    model, optimizer, train_dl, dev_loader = backend.prepare(model, optimizer, train_dl, dev_loader)
+    classifier = backend.unwrap_model(model)
+
+    steps_per_epoch = math.ceil(len(train_dl) / t.grad_accum_steps)
+    total_steps = steps_per_epoch * t.epochs
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+    scheduler = get_scheduler(
+        config.optim.scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=math.ceil(config.optim.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    (scheduler,) = backend.prepare(scheduler)
+
+    step_log = tracking.JsonlLogger(run_dir / tracking.TRAIN_METRICS, enabled=backend.is_main_process)
+    eval_log = tracking.JsonlLogger(run_dir / tracking.EVAL_METRICS, enabled=backend.is_main_process)
+    best_value: float | None = None
+    best_step = -1
+    sign = 1.0 if t.greater_is_better else -1.0
+
+    def evaluate_and_keep_best(epoch: int, step: int) -> dict[str, float]:
+        nonlocal best_value, best_step
+        metrics, _, _ = evaluate(model, dev_loader, backend, labels.problem_type, t.progress)
+        if t.metric_for_best not in metrics:
+            raise EngineError(
+                f"trainer.metric_for_best={t.metric_for_best!r} is not computed; choose one of {sorted(metrics)}"
+            )
+        value = metrics[t.metric_for_best]
+        improved = math.isfinite(value) and (best_value is None or sign * (value - best_value) > 0)
+        if improved:
+            best_value, best_step = value, step
+        eval_log.log({"epoch": epoch, **metrics, "best": best_value, "is_best": improved}, step)
+        log.info("eval epoch %d step %d: %s%s", epoch, step, _format(metrics), " (best)" if improved else "")
+        # Every rank computed the same metric from the same gathered predictions, so all agree.
+        if improved and backend.is_main_process:
+            checkpoint.save_best(run_dir, plain_state_dict(classifier), {
+                "model_source": config.model.source,
+                "model_name": config.model.name,
+                "tokenizer": config.model.tokenizer or config.model.source,
+                "num_labels": labels.num_labels,
+                "id2label": {str(i): name for i, name in labels.id2label.items()},
+                "problem_type": labels.problem_type.value,
+                "metric_name": t.metric_for_best,
+                "metric_value": value,
+                "metrics": metrics,
+                "epoch": epoch,
+                "step": step,
+                "data_sources": data.sources,
+                "config": resolved,
+                "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
+            })
+        backend.wait_for_everyone()
+        return metrics
+
+    # --- Train --------------------------------------------------------------------------
+    global_step = 0
+    last_eval_step = -1
+    window_loss = torch.zeros((), device=backend.device)
+    window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+    bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True,
+               disable=not (t.progress and backend.is_main_process) or not t.do_train,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    model.train()
+    for epoch in range(t.epochs if t.do_train else 0):
+        sampler.set_epoch(epoch)
+        for micro_batches in micro_batch_groups(train_dl, t.grad_accum_steps):
+            micro_batches = [backend.to_device(b) for b in micro_batches]
+            step_loss = forward_backward(model, classifier, backend, micro_batches)
+            window_samples += sum(b["labels"].shape[0] for b in micro_batches)
+            grad_norm = (
+                backend.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            window_loss += step_loss
+            window_steps += 1
+            bar.update(1)
+
+            if global_step % t.log_every == 0 or global_step == total_steps:
+                # A CPU-GPU sync point: only every log_every steps.
+                mean_loss = float(backend.reduce_sum(window_loss) / backend.num_processes / window_steps)
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "epoch": epoch,
+                    "loss": mean_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "samples_per_s": window_samples * backend.num_processes / max(elapsed, 1e-9),
+                }
+                step_log.log(record, global_step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
+                window_loss.zero_()
+                window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+
+            if t.eval_every and global_step % t.eval_every == 0:
+                evaluate_and_keep_best(epoch, global_step)
+                last_eval_step = global_step
+            if global_step >= total_steps:
+                break
+        if t.eval_every == 0 and last_eval_step != global_step:
+            evaluate_and_keep_best(epoch, global_step)
+            last_eval_step = global_step
+        if global_step >= total_steps:
+            break
+    bar.close()
+    if t.do_train and last_eval_step != global_step:
+        evaluate_and_keep_best(max(epoch, 0), global_step)
+
+    # --- Evaluation-only runs, and the test split with the best weights -----------------
+    if not t.do_train:
+        evaluate_and_keep_best(0, 0)
+    if t.evaluate_test and data.test is not None and best_value is not None:
+        best_weights = checkpoint.load_weights(run_dir / checkpoint.BEST_WEIGHTS) if backend.is_main_process else None
+        best_weights = backend.broadcast_object(best_weights)
+        classifier.hf_model.load_state_dict(best_weights)
+        test_loader = backend.prepare(eval_loader(data.test, t.eval_batch_size, collator))[0]
+        test_metrics, _, _ = evaluate(model, test_loader, backend, labels.problem_type, t.progress)
+        eval_log.log({"split": "test", **test_metrics}, global_step)
+        if backend.is_main_process:
+            checkpoint.atomic_write_json(run_dir / "test_metrics.json", test_metrics)
+        log.info("test (best checkpoint, step %d): %s", best_step, _format(test_metrics))
+
+    step_log.close()
+    eval_log.close()
+    wall = time.perf_counter() - started
+    log.info("done in %.1f s: best %s=%s at step %d; files in %s", wall, t.metric_for_best,
+             f"{best_value:.4f}" if best_value is not None else None, best_step, run_dir)
+    backend.wait_for_everyone()
+    tracking.close_logging()
+    if best_value is None:
+        raise EngineError(f"no finite {t.metric_for_best} was ever computed; nothing was saved")
+    return float(best_value)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Report an :class:`EngineError` (or a config error) as one line and exit 2, no traceback."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except (EngineError, OmegaConfBaseException) as error:
+        logging.getLogger("engine").error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,53 @@
+"""Metrics through the `evaluate` library, offline.
+
+The metric modules ship inside the package (``engine/metric_modules``), and
+``evaluate.load`` is given their local folder, so no hub access is ever needed.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.config import ProblemType
+
+MODULES_DIR = Path(__file__).resolve().parent / "metric_modules"
+
+
+@functools.cache
+def load_metric(problem_type: ProblemType) -> Any:
+    import evaluate
+
+    name = "multi_label" if ProblemType(problem_type) == ProblemType.multi_label_classification else "single_label"
+    # keep_in_memory: no cache file, so several processes never share one on disk.
+    return evaluate.load(str(MODULES_DIR / name), keep_in_memory=True)
+
+
+def sigmoid(values: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-values))
+
+
+def softmax(values: np.ndarray) -> np.ndarray:
+    shifted = values - values.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def compute_metrics(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    problem_type: ProblemType,
+    threshold: float | list[float] = 0.5,
+) -> dict[str, float]:
+    """Metrics over all gathered predictions: single-label from argmax, multi-label from sigmoid."""
+    metric = load_metric(ProblemType(problem_type))
+    if ProblemType(problem_type) == ProblemType.multi_label_classification:
+        return metric.compute(
+            predictions=sigmoid(logits).tolist(), references=labels.astype(np.int64).tolist(), threshold=threshold
+        )
+    return metric.compute(
+        predictions=logits.argmax(axis=-1).tolist(), references=labels.tolist(), num_labels=logits.shape[-1]
+    )

@@ -1,0 +1,203 @@
+"""The classifier: a pretrained encoder whose ``forward`` computes the class-weighted loss.
+
+The class weights are a non-persistent buffer: they follow ``.to(device)`` with the
+model (no "Expected all tensors to be on the same device") and stay out of the saved
+``state_dict``, which is the plain transformers one (see :func:`plain_state_dict`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig, ProblemType
+from engine.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(EngineError):
+    """The model or tokenizer could not be loaded (offline hub, bad folder)."""
+
+
+@dataclass
+class ClassifierOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class ClassifierWithLoss(nn.Module):
+    """Wraps a ``*ForSequenceClassification`` model; ``forward(**batch)`` returns loss and logits."""
+
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        problem_type: ProblemType,
+        class_weights: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.hf_model = hf_model
+        self.problem_type = ProblemType(problem_type)
+        weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.problem_type == ProblemType.multi_label_classification
+
+    def loss_denominator(self, labels: torch.Tensor) -> torch.Tensor:
+        """What the summed loss of ``labels`` is divided by to give the mean.
+
+        Weighted cross-entropy's mean divides by the sum of the targets' weights, so
+        ``k`` micro-batches equal one ``k``-times batch only when every micro-batch is
+        divided by the denominator of the whole batch; the loop passes that one in.
+        """
+        if self.multi_label:
+            return torch.tensor(float(labels.numel()), device=labels.device)
+        valid = labels[labels != -100]
+        if self.class_weights is None:
+            return torch.tensor(float(valid.numel()), device=labels.device)
+        return self.class_weights.to(labels.device)[valid].sum()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_denominator: torch.Tensor | None = None,
+    ) -> ClassifierOutput:
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        logits = self.hf_model(**inputs).logits
+        if labels is None:
+            return ClassifierOutput(loss=None, logits=logits)
+        return ClassifierOutput(loss=self.loss_from_logits(logits, labels, loss_denominator), logits=logits)
+
+    def loss_from_logits(
+        self, logits: torch.Tensor, labels: torch.Tensor, loss_denominator: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Weighted cross-entropy (single-label) or BCE with ``pos_weight`` (multi-label), in float32."""
+        if self.multi_label:
+            loss_sum = F.binary_cross_entropy_with_logits(
+                logits.float(), labels.float(), pos_weight=self.class_weights, reduction="sum"
+            )
+        else:
+            loss_sum = F.cross_entropy(
+                logits.float(), labels, weight=self.class_weights, reduction="sum", ignore_index=-100
+            )
+        if loss_denominator is None:
+            loss_denominator = self.loss_denominator(labels)
+        return loss_sum / loss_denominator.clamp_min(1e-12)
+
+
+def balanced_class_weights(label_counts: Sequence[int], problem_type: ProblemType, n_samples: int) -> list[float]:
+    """``n_samples / (n_classes * count)`` per class; for multi-label, negatives / positives per label.
+
+    A class absent from the training labels gets weight 0 (single-label) or 1 (multi-label)
+    rather than infinity.
+    """
+    n_classes = len(label_counts)
+    if ProblemType(problem_type) == ProblemType.multi_label_classification:
+        return [(n_samples - c) / c if c > 0 else 1.0 for c in label_counts]
+    return [n_samples / (n_classes * c) if c > 0 else 0.0 for c in label_counts]
+
+
+def resolve_class_weights(
+    setting: Any, label_counts: Sequence[int], problem_type: ProblemType, n_samples: int
+) -> list[float] | None:
+    if setting is None:
+        return None
+    if setting == "balanced":
+        return balanced_class_weights(label_counts, problem_type, n_samples)
+    weights = [float(w) for w in setting]
+    if len(weights) != len(label_counts):
+        raise EngineError(f"loss.class_weights has {len(weights)} values but there are {len(label_counts)} labels")
+    return weights
+
+
+def _is_local(source: str) -> bool:
+    return os.path.isdir(os.path.expanduser(source))
+
+
+def _offline_hint(source: str, error: Exception) -> ModelLoadError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelLoadError(
+        f"cannot load model {source!r}: {first}\n"
+        "The hub may be unreachable from this machine. Offline options: model=minilm (the bundled "
+        "all-MiniLM-L6-v2), model.source=<a local folder with config.json and weights>, or a model "
+        "already in the Hugging Face cache with HF_HUB_OFFLINE=1."
+    )
+
+
+def load_tokenizer(model: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source = model.tokenizer or model.source
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # OSError, connection errors, ValueError from the hub client
+        raise _offline_hint(source, error) from None
+
+
+def build_model(
+    model: ModelConfig,
+    num_labels: int,
+    id2label: dict[int, str],
+    problem_type: ProblemType,
+    class_weights: Sequence[float] | None = None,
+) -> ClassifierWithLoss:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(
+            model.source,
+            num_labels=num_labels,
+            id2label={int(k): v for k, v in id2label.items()},
+            label2id={v: int(k) for k, v in id2label.items()},
+            problem_type=ProblemType(problem_type).value,
+        )
+    except Exception as error:
+        raise _offline_hint(model.source, error) from None
+    for key, value in model.config_overrides.items():
+        if not hasattr(config, key):
+            raise EngineError(f"model.config_overrides.{key}: {type(config).__name__} has no attribute {key!r}")
+        setattr(config, key, value)
+    extra = {"attn_implementation": model.attn_implementation} if model.attn_implementation else {}
+    if model.pretrained:
+        try:
+            hf_model = AutoModelForSequenceClassification.from_pretrained(model.source, config=config, **extra)
+        except Exception as error:
+            raise _offline_hint(model.source, error) from None
+    else:
+        hf_model = AutoModelForSequenceClassification.from_config(config, **extra)
+    weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
+    return ClassifierWithLoss(hf_model, problem_type, weights)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP/FSDP (``module``), ``torch.compile`` (``_orig_mod``) and our loss wrapper."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or (
+            hasattr(model, "module") and isinstance(model.module, nn.Module)
+        ):
+            model = model.module
+        elif isinstance(model, ClassifierWithLoss):
+            model = model.hf_model
+        else:
+            return model
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The transformers model's own ``state_dict``, on CPU, whatever wraps it."""
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}

@@ -1,0 +1,62 @@
+"""Shared fixtures: offline environment, real configs composed with tmp_path outputs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Every test runs offline: nothing may reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from engine.config import CONFIG_DIR  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tokenized")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, token_cache):
+    """Compose the real config with overrides; outputs go to tmp_path/run."""
+
+    def _make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
+        out = output_dir or tmp_path / "run"
+        with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+            return compose(
+                config_name="config",
+                overrides=[f"output_dir={out}", f"data.cache_dir={token_cache}", *overrides],
+            )
+
+    return _make
+
+
+# A fast tiny run: 2-layer random BERT, MRPC slices.
+TINY = (
+    "model=tiny",
+    "trainer.progress=false",
+    "data.max_train_samples=64",
+    "data.max_eval_samples=40",
+    "trainer.batch_size=8",
+    "trainer.eval_batch_size=16",
+    "trainer.epochs=1",
+    "trainer.log_every=1",
+)
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
