@@ -1,0 +1,112 @@
+"""End-to-end runs of the loop on the tiny model and the bundled MiniLM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from engine import checkpoint
+from engine.config import bundled_minilm_path
+from engine.loop import train
+from tests.conftest import PYTHON, ROOT, TINY, subprocess_env
+
+RUN_FILES = {"best_acc_classify.pth", "best_acc_classify.json", "metrics.jsonl", "train_steps.jsonl", "train.log"}
+
+
+def test_tiny_run_writes_every_file_and_returns_the_best(make_cfg, tmp_path):
+    best = train(make_cfg(*TINY, "trainer.epochs=2"))
+    run = tmp_path / "run"
+    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(evals) == 2  # one per epoch
+    assert best == max(e["accuracy"] for e in evals)
+    assert all(e["samples"] == 40 for e in evals)
+    steps = [json.loads(line) for line in (run / "train_steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 17))  # 64 rows / 8 = 8 steps, 2 epochs
+    assert {"loss", "lr", "grad_norm", "samples_per_s", "epoch"} <= set(steps[0])
+    assert steps[-1]["lr"] == 0.0  # the linear schedule ends at zero
+    info = json.loads((run / "best_acc_classify.json").read_text())
+    assert info["metric_name"] == "accuracy" and info["metric_value"] == best
+    assert info["num_labels"] == 2 and info["id2label"] == {"0": "not_equivalent", "1": "equivalent"}
+    assert info["problem_type"] == "single_label_classification"
+    assert info["config"]["model"]["name"] == "tiny"
+    assert info["step"] in {e["step"] for e in evals if e["is_best"]}
+    assert "eval epoch 1 step 16" in (run / "train.log").read_text()
+
+
+def test_warmup_then_linear_decay(make_cfg, tmp_path):
+    train(make_cfg(*TINY, "optim.warmup_ratio=0.25", "optim.lr=1e-3"))
+    steps = [json.loads(line) for line in (tmp_path / "run" / "train_steps.jsonl").read_text().splitlines()]
+    lrs = [s["lr"] for s in steps]  # 8 steps, 2 warm-up steps
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)
+    assert lrs[2:] == pytest.approx([1e-3 * (8 - k) / 6 for k in range(3, 9)])
+
+
+def test_seed_recipe_reproduces_the_stored_dev_metric(make_cfg, tmp_path):
+    """from_pretrained(src, num_labels=2) + load_state_dict(torch.load(path, weights_only=True))."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    train(make_cfg("model=minilm", "trainer.max_steps=3", "trainer.batch_size=8", "trainer.progress=false",
+                   "data.max_train_samples=48", "data.max_eval_samples=40"))
+    run = tmp_path / "run"
+    info = json.loads((run / "best_acc_classify.json").read_text())
+    assert info["model_source"] == bundled_minilm_path()
+
+    model = AutoModelForSequenceClassification.from_pretrained(info["model_source"], num_labels=2)
+    model.load_state_dict(torch.load(run / "best_acc_classify.pth", weights_only=True))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(info["model_source"])
+    import pandas as pd
+    dev = pd.read_csv(ROOT / "data/mrpc/dev.tsv", sep="\t", quoting=3, encoding="utf-8-sig", dtype=str).iloc[:40]
+    correct = 0
+    with torch.no_grad():
+        for _, row in dev.iterrows():
+            encoded = tokenizer(row["#1 String"], row["#2 String"], truncation=True, max_length=128,
+                                return_tensors="pt")
+            correct += int(model(**encoded).logits.argmax(-1).item() == int(row["Quality"]))
+    assert correct / len(dev) == info["metric_value"] == info["metrics"]["accuracy"]
+
+
+def test_balanced_class_weights_run(make_cfg, tmp_path):
+    train(make_cfg(*TINY, "loss=balanced"))
+    assert (tmp_path / "run" / "best_acc_classify.pth").is_file()
+    assert "class weights:" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_metric_for_best_must_exist(make_cfg):
+    from engine.errors import EngineError
+
+    with pytest.raises(EngineError, match="trainer.metric_for_best='auc' is not computed"):
+        train(make_cfg(*TINY, "trainer.max_steps=1", "trainer.metric_for_best=auc"))
+
+
+def test_cli_tiny_run_writes_the_run_directory(tmp_path):
+    run = tmp_path / "cli"
+    result = subprocess.run(
+        [PYTHON, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run}", f"data.cache_dir={tmp_path}/cache"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert RUN_FILES | {".hydra"} <= {p.name for p in run.iterdir()}
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
+    assert "eval epoch 0 step 8" in (run / "train.log").read_text()
+    state = checkpoint.load_weights(run / "best_acc_classify.pth")
+    assert "classifier.weight" in state and np.isfinite(state["classifier.weight"].numpy()).all()
+
+
+def test_cli_offline_hub_model_fails_fast_with_one_clear_message(tmp_path):
+    started = time.perf_counter()
+    result = subprocess.run(
+        [PYTHON, str(ROOT / "train.py"), "model=bert-base-uncased", f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300,
+    )
+    assert time.perf_counter() - started < 60
+    assert result.returncode == 2
+    assert "cannot load model 'bert-base-uncased'" in result.stderr
+    assert "model=minilm" in result.stderr
+    assert "Traceback" not in result.stderr
