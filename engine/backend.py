@@ -216,7 +216,11 @@ class AccelerateBackend:
         self.accelerator.print(*args, **kwargs)
 
     def end(self) -> None:
+        from accelerate.state import AcceleratorState
+
         self.accelerator.end_training()
+        # Let a later train() in this process (a sweep, a test) choose other settings.
+        AcceleratorState._reset_state()
 
 
 Backend = ManualBackend | AccelerateBackend

@@ -48,6 +48,8 @@ class ModelConfig:
     pretrained: bool = True
     # Applied to the transformers config before building (e.g. a tiny BERT's sizes, dropout).
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    # Sets hidden and attention dropout (BERT-style names); null keeps the model's own.
+    dropout: float | None = None
     attn_implementation: str | None = "sdpa"
 
 
@@ -220,6 +222,10 @@ def validate(cfg: DictConfig) -> Config:
     check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     check(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
     check(len(o.betas) == 2, f"optim.betas must hold two numbers, got {o.betas}")
+    check(
+        typed.model.dropout is None or 0 <= typed.model.dropout < 1,
+        f"model.dropout must be in [0, 1) or null, got {typed.model.dropout}",
+    )
     check(d.max_length >= 8, f"data.max_length must be >= 8, got {d.max_length}")
     check(
         d.quoting in ("minimal", "none"), f"data.quoting must be 'minimal' or 'none', got {d.quoting!r}"

@@ -180,16 +180,25 @@ def _format(metrics: dict[str, float]) -> str:
 
 def train(cfg: DictConfig | Config) -> float:
     """Fine-tune, evaluate and keep the best checkpoint; return the best dev metric."""
+    config = validate(cfg) if isinstance(cfg, DictConfig) else cfg
+    backend = make_backend(config.backend, config.trainer.mixed_precision)
+    try:
+        return fit(config, backend)
+    finally:
+        tracking.close_logging()
+        backend.end()
+
+
+def fit(config: Config, backend: Backend) -> float:
+    """The run itself, on a backend that is already set up."""
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     started = time.perf_counter()
-    config = validate(cfg) if isinstance(cfg, DictConfig) else cfg
     resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     t = config.trainer
 
-    # --- Set-up: backend, run dir, logs ------------------------------------------------
-    backend = make_backend(config.backend, t.mixed_precision)
+    # --- Set-up: run dir, logs ---------------------------------------------------------
     run_dir = resolve_run_dir(config, backend)
     tracking.setup_logging(run_dir, backend.is_main_process)
     log.info("run dir %s | backend %s | %d process(es) | device %s", run_dir, backend.name,
@@ -354,7 +363,6 @@ def train(cfg: DictConfig | Config) -> float:
     log.info("done in %.1f s: best %s=%s at step %d; files in %s", wall, t.metric_for_best,
              f"{best_value:.4f}" if best_value is not None else None, best_step, run_dir)
     backend.wait_for_everyone()
-    tracking.close_logging()
     if best_value is None:
         raise EngineError(f"no finite {t.metric_for_best} was ever computed; nothing was saved")
     return float(best_value)

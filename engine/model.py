@@ -171,6 +171,10 @@ def build_model(
         if not hasattr(config, key):
             raise EngineError(f"model.config_overrides.{key}: {type(config).__name__} has no attribute {key!r}")
         setattr(config, key, value)
+    if model.dropout is not None:
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+            if hasattr(config, key):
+                setattr(config, key, model.dropout)
     extra = {"attn_implementation": model.attn_implementation} if model.attn_implementation else {}
     if model.pretrained:
         try:

@@ -1,0 +1,114 @@
+"""The Accelerate path: parity with the manual path, several gloo processes, accumulation, bf16."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from engine.backend import ManualBackend, choose_backend
+from engine.config import BackendConfig, BackendName, MixedPrecision, ProblemType
+from engine.loop import forward_backward, train
+from tests.conftest import ROOT, TINY, subprocess_env
+from tests.test_model import batch, tiny
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_manual_and_accelerate_give_the_same_losses_and_metric(make_cfg, tmp_path):
+    best_manual = train(make_cfg(*TINY, "backend=manual", output_dir=tmp_path / "manual"))
+    best_accel = train(make_cfg(*TINY, "backend=accelerate", output_dir=tmp_path / "accel"))
+    manual = _lines(tmp_path / "manual" / "train_steps.jsonl")
+    accel = _lines(tmp_path / "accel" / "train_steps.jsonl")
+    assert len(manual) == len(accel) == 8
+    assert [s["loss"] for s in manual] == pytest.approx([s["loss"] for s in accel], rel=1e-5)
+    assert [s["lr"] for s in manual] == pytest.approx([s["lr"] for s in accel])
+    assert best_manual == best_accel
+    assert _lines(tmp_path / "manual" / "metrics.jsonl")[-1]["loss"] == pytest.approx(
+        _lines(tmp_path / "accel" / "metrics.jsonl")[-1]["loss"], rel=1e-5
+    )
+
+
+def test_auto_backend_follows_the_launcher(monkeypatch):
+    for name in ("WORLD_SIZE", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "ACCELERATE_DYNAMO_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    assert choose_backend(BackendConfig()) == BackendName.manual
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert choose_backend(BackendConfig()) == BackendName.accelerate
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # `accelerate launch --cpu` on one process
+    assert choose_backend(BackendConfig()) == BackendName.accelerate
+    assert choose_backend(BackendConfig(name=BackendName.manual)) == BackendName.manual
+
+
+@pytest.mark.parametrize("weights", [None, [0.3, 2.0, 1.1]])
+def test_k_micro_batches_equal_one_k_times_batch(weights):
+    backend = ManualBackend(BackendConfig(use_cuda=False), MixedPrecision.no)
+    data = batch(n=12, num_labels=3)
+    data["labels"] = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2, 0, 0, 1, 2])  # uneven weights per micro-batch
+
+    def grads(micro_batches):
+        model = tiny(weights=weights).eval()  # eval: no dropout, so both passes see one function
+        forward_backward(model, model, backend, micro_batches)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole = grads([data])
+    micro = grads([{k: v[i:i + 3] for k, v in data.items()} for i in range(0, 12, 3)])
+    assert whole.keys() == micro.keys()
+    for name in whole:
+        torch.testing.assert_close(micro[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_accumulation_run_matches_bigger_batch_on_both_backends(make_cfg, tmp_path):
+    """4 micro-batches of 2 step like one batch of 8: same schedule, same first-step loss."""
+    common = (*TINY, "model.dropout=0.0")
+    train(make_cfg(*common, "trainer.batch_size=8", "backend=manual", output_dir=tmp_path / "big"))
+    train(make_cfg(*common, "trainer.batch_size=2", "trainer.grad_accum_steps=4", "backend=accelerate",
+                   output_dir=tmp_path / "acc"))
+    big, acc = _lines(tmp_path / "big" / "train_steps.jsonl"), _lines(tmp_path / "acc" / "train_steps.jsonl")
+    assert len(big) == len(acc) == 8
+    assert [s["loss"] for s in big] == pytest.approx([s["loss"] for s in acc], rel=1e-4)
+
+
+def test_bf16_run_on_cpu_is_finite_and_close_to_fp32(make_cfg, tmp_path):
+    train(make_cfg(*TINY, "trainer.mixed_precision=bf16", "backend=accelerate", output_dir=tmp_path / "bf16"))
+    train(make_cfg(*TINY, "trainer.mixed_precision=bf16", "backend=manual", output_dir=tmp_path / "bf16m"))
+    train(make_cfg(*TINY, output_dir=tmp_path / "fp32"))
+    bf16, fp32 = _lines(tmp_path / "bf16" / "train_steps.jsonl"), _lines(tmp_path / "fp32" / "train_steps.jsonl")
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in bf16)
+    assert [s["loss"] for s in bf16] == pytest.approx([s["loss"] for s in fp32], abs=0.05)
+    assert _lines(tmp_path / "bf16m" / "train_steps.jsonl")[0]["loss"] == pytest.approx(bf16[0]["loss"], abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dev_size", [7, 9])
+def test_two_gloo_processes_one_run_dir_every_dev_sample_once(tmp_path, dev_size):
+    launcher = shutil.which("accelerate", path=str(ROOT / ".venv" / "bin")) or shutil.which("accelerate")
+    assert launcher, "accelerate's launcher is not installed"
+    result = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + dev_size),
+         str(ROOT / "train.py"), *TINY, f"data.max_eval_samples={dev_size}", f"data.cache_dir={tmp_path}/cache"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs  # rank 1 followed rank 0's run dir
+    run = runs[0]
+    assert len(list(run.glob("*.pth"))) == 1
+    evals = _lines(run / "metrics.jsonl")
+    assert [e["samples"] for e in evals] == [dev_size]
+    steps = _lines(run / "train_steps.jsonl")
+    assert len(steps) == 4  # 64 rows, batch 8, 2 processes -> 4 optimizer steps, logged once each
+    log = (run / "train.log").read_text()
+    assert "2 process(es)" in log and log.count("eval epoch 0 step 4") == 1  # only rank 0 logs
+    state = torch.load(run / "best_acc_classify.pth", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)
+    assert json.loads((run / "best_acc_classify.json").read_text())["metric_value"] == evals[0]["accuracy"]
+
+
