@@ -385,6 +385,10 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (EngineError, OmegaConfBaseException) as error:
-        logging.getLogger("engine").error("%s", error)
+        # Once on the terminal, and in the run's log file when there is one.
+        record = logging.LogRecord("engine", logging.ERROR, __file__, 0, "%s", (error,), None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -138,10 +138,39 @@ def _offline_hint(source: str, error: Exception) -> ModelLoadError:
     )
 
 
+def check_hub_reachable(source: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after the hub client's retries, when a hub id can't be had.
+
+    A local folder, offline mode or a copy in the Hugging Face cache pass; otherwise
+    the hub must answer a TCP connection within ``timeout`` seconds.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if _is_local(source):
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(source, "config.json"), str):
+            return
+    except Exception:  # an id the cache cannot parse: let from_pretrained explain it
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise _offline_hint(source, OSError("HF_HUB_OFFLINE is set and the model is not in the local cache"))
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        raise _offline_hint(source, OSError(f"{endpoint.hostname} is unreachable ({error})")) from None
+
+
 def load_tokenizer(model: ModelConfig):
     from transformers import AutoTokenizer
 
     source = model.tokenizer or model.source
+    check_hub_reachable(source)
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as error:  # OSError, connection errors, ValueError from the hub client
@@ -157,6 +186,7 @@ def build_model(
 ) -> ClassifierWithLoss:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    check_hub_reachable(model.source)
     try:
         config = AutoConfig.from_pretrained(
             model.source,

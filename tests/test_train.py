@@ -99,11 +99,18 @@ def test_cli_tiny_run_writes_the_run_directory(tmp_path):
     assert "classifier.weight" in state and np.isfinite(state["classifier.weight"].numpy()).all()
 
 
-def test_cli_offline_hub_model_fails_fast_with_one_clear_message(tmp_path):
+@pytest.mark.parametrize("offline_flag", [True, False])
+def test_cli_offline_hub_model_fails_fast_with_one_clear_message(tmp_path, offline_flag):
+    env = subprocess_env()
+    if not offline_flag:  # no HF_HUB_OFFLINE: the unreachable hub itself must be noticed quickly
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+            env.pop(name, None)
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: nothing listens there
+        env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
     started = time.perf_counter()
     result = subprocess.run(
         [PYTHON, str(ROOT / "train.py"), "model=bert-base-uncased", f"hydra.run.dir={tmp_path}/run"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=300,
+        capture_output=True, text=True, env=env, timeout=300,
     )
     assert time.perf_counter() - started < 60
     assert result.returncode == 2
