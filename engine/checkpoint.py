@@ -124,3 +124,24 @@ def load_info(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint description not found: {path}") from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}:{error.lineno}:{error.colno}: invalid JSON ({error.msg})") from None
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Raise naming every missing, unexpected and mis-shaped key; nothing partial is loaded."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape mismatches:\n    " + "\n    ".join(shapes))
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:20]))
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20]))
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}:\n  " + "\n  ".join(parts))

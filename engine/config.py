@@ -81,6 +81,8 @@ class DataConfig:
     # Where tokenized splits are cached between runs; null: ~/.cache/engine/tokenized
     cache_dir: str | None = None
     num_workers: int = 0
+    # Batch training examples of similar length together (shuffled buckets): less padding.
+    group_by_length: bool = True
 
 
 @dataclass
@@ -139,6 +141,28 @@ class Config:
     seed: int = 42
     # Where the run writes its files; null: Hydra's run directory.
     output_dir: str | None = None
+    # A saved run (dir or best_acc_classify.pth) to evaluate with trainer.do_train=false.
+    checkpoint: str | None = None
+
+
+@dataclass
+class PredictConfig:
+    """``python predict.py checkpoint=<run dir or .pth> text="..." | input_file=...``."""
+
+    checkpoint: str = MISSING
+    text: str | None = None
+    text_pair: str | None = None
+    input_file: str | None = None
+    # Default: <input_file stem>.predictions.<csv|tsv|jsonl> beside the input.
+    output_file: str | None = None
+    # Columns of input_file; null: the training run's text columns.
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    batch_size: int = 64
+    device: str | None = None
+    # Write the model as a Hugging Face folder (safetensors, tokenizer, id2label) here.
+    export_dir: str | None = None
+    progress: bool = True
 
 
 def bundled_minilm_path() -> str:
@@ -163,6 +187,7 @@ def register_configs() -> None:
         # The checkout's root, so the bundled data configs work from any working directory.
         OmegaConf.register_new_resolver("engine_root", lambda: str(PROJECT_ROOT))
     ConfigStore.instance().store(name="base_config", node=Config)
+    ConfigStore.instance().store(name="base_predict", node=PredictConfig)
 
 
 register_configs()
@@ -233,6 +258,14 @@ def validate(cfg: DictConfig) -> Config:
     check(
         d.format is None or d.format in ("csv", "tsv", "json", "jsonl", "parquet"),
         f"data.format must be one of csv, tsv, json, jsonl, parquet or null, got {d.format!r}",
+    )
+    check(
+        t.do_train or typed.checkpoint is not None,
+        "checkpoint=<run dir or best_acc_classify.pth> is required with trainer.do_train=false",
+    )
+    check(
+        d.name is not None or d.eval_split in ("train", "validation", "test"),
+        f"data.eval_split must be train, validation or test for local files, got {d.eval_split!r}",
     )
     check(
         d.name is not None or d.train_file is not None or not t.do_train,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -235,8 +236,10 @@ def read_raw_splits(data: DataConfig, want: Sequence[str]) -> dict[str, RawSplit
                 raise DataError(f"hub data set {data.name!r} has no split {hub_split!r}; it has {sorted(hub)}")
             frames[split] = (f"{data.name}/{data.subset or ''}:{hub_split}", hub[hub_split])
     else:
+        files = _split_sources(data)
         for split in want:
-            path = _split_sources(data)[split]
+            # The evaluation role reads the file that data.eval_split names (validation by default).
+            path = files[data.eval_split] if split == "validation" else files[split]
             if path is None:
                 continue
             frames[split] = (str(path), read_table(path, data))
@@ -337,6 +340,42 @@ class EpochShuffleSampler(Sampler[int]):
         return self.size
 
 
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar length in random order: little padding, still a fresh order each epoch.
+
+    Each epoch: a (seed, epoch) permutation is cut into mega-batches of ``group_batches``
+    batches; each mega-batch is sorted by length and cut into batches; the batches are
+    shuffled. Every index appears exactly once per epoch.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_batches: int = 50) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group = batch_size * group_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + 7919 * self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        batches: list[list[int]] = []
+        for start in range(0, len(order), self.group):
+            chunk = sorted(order[start : start + self.group], key=lambda i: -self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        shuffle = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in shuffle]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
 class LengthSortedSampler(Sampler[int]):
     """Indices longest first, so each evaluation batch holds similar lengths (little padding)."""
 
@@ -367,14 +406,25 @@ def label_counts(label_ids: Sequence[Any], space: LabelSpace) -> list[int]:
     return [counts.get(i, 0) for i in range(space.num_labels)]
 
 
-def load_data(data: DataConfig, tokenizer: Any, with_train: bool = True, with_test: bool = False) -> DataBundle:
+def load_data(
+    data: DataConfig,
+    tokenizer: Any,
+    with_train: bool = True,
+    with_test: bool = False,
+    label_names: list[str] | None = None,
+) -> DataBundle:
+    """Read, check, encode and tokenize the splits; ``label_names`` (a checkpoint's) fix the label space."""
     want = (["train"] if with_train else []) + ["validation"] + (["test"] if with_test else [])
     raw = read_raw_splits(data, want)
     if with_train and "train" not in raw:
         raise DataError("no training split: set data.train_file (or data.name for a hub data set)")
     if "validation" not in raw:
-        raise DataError("no evaluation split: set data.validation_file (or data.eval_split for a hub data set)")
-    space = build_label_space(raw["train"].labels if with_train else raw["validation"].labels, data)
+        raise DataError(f"no evaluation split: data.eval_split={data.eval_split!r} names no file (set data.{data.eval_split}_file)"
+                        if data.name is None else f"no evaluation split {data.eval_split!r} in {data.name!r}")
+    if label_names is not None:
+        space = LabelSpace(names=list(label_names), problem_type=data.problem_type)
+    else:
+        space = build_label_space(raw["train"].labels if with_train else raw["validation"].labels, data)
     encoded = {name: encode_labels(split.labels, space, split.source) for name, split in raw.items()}
     tokenized = {name: tokenize_split(split, encoded[name], tokenizer, data) for name, split in raw.items()}
     return DataBundle(
@@ -393,11 +443,21 @@ def make_collator(tokenizer: Any, data: DataConfig):
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=data.pad_to_multiple_of, return_tensors="pt")
 
 
-def train_loader(dataset: Any, batch_size: int, seed: int, collator: Any, num_workers: int = 0):
-    """Shuffled batches; call ``loader.batch_sampler.sampler.set_epoch(epoch)`` (the loop does)."""
-    sampler = EpochShuffleSampler(len(dataset), seed)
-    batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers)
+def train_loader(
+    dataset: Any, batch_size: int, seed: int, collator: Any, num_workers: int = 0, group_by_length: bool = True
+) -> tuple[DataLoader, Any]:
+    """Shuffled training batches and the object whose ``set_epoch`` reshuffles them (the loop calls it).
+
+    ``group_by_length`` batches similar lengths together (less padding, same randomness across epochs).
+    """
+    if group_by_length:
+        batches: Any = LengthGroupedBatchSampler([len(ids) for ids in dataset["input_ids"]], batch_size, seed)
+        shuffler = batches
+    else:
+        shuffler = EpochShuffleSampler(len(dataset), seed)
+        batches = BatchSampler(shuffler, batch_size=batch_size, drop_last=False)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers)
+    return loader, shuffler
 
 
 def eval_loader(dataset: Any, batch_size: int, collator: Any, num_workers: int = 0):

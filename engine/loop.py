@@ -169,6 +169,42 @@ def evaluate(
     return metrics, logits_np, labels_np
 
 
+def evaluate_checkpoint(config: Config, backend: Backend, run_dir: Path) -> float:
+    """``trainer.do_train=false checkpoint=...``: the training metric code on ``data.eval_split``."""
+    from transformers import AutoTokenizer
+
+    from engine.model import ClassifierWithLoss
+    from engine.predict import build_hf_model, locate
+
+    weights_path, info_path = locate(config.checkpoint)
+    info = checkpoint.load_info(info_path)
+    hf_model = build_hf_model(info)
+    state = checkpoint.load_weights(weights_path)
+    checkpoint.check_state_dict(hf_model, state, weights_path)
+    hf_model.load_state_dict(state)
+    problem_type = ProblemType(info["problem_type"])
+    names = [info["id2label"][str(i)] for i in range(info["num_labels"])]
+    tokenizer = AutoTokenizer.from_pretrained(info.get("tokenizer") or info["model_source"])
+    config.data.problem_type = problem_type
+    with backend.main_process_first():
+        data = load_data(config.data, tokenizer, with_train=False, label_names=names)
+    loader = eval_loader(data.eval, config.trainer.eval_batch_size, make_collator(tokenizer, config.data))
+    model, loader = backend.prepare(ClassifierWithLoss(hf_model, problem_type), loader)
+    metrics, _, _ = evaluate(model, loader, backend, problem_type, config.trainer.progress)
+    result = {"split": config.data.eval_split, "source": data.sources["validation"],
+              "checkpoint": str(weights_path), **metrics}
+    if backend.is_main_process:
+        checkpoint.atomic_write_json(run_dir / "eval_metrics.json", result)
+        eval_log = tracking.JsonlLogger(run_dir / tracking.EVAL_METRICS)
+        eval_log.log(result, int(info.get("step", 0)))
+        eval_log.close()
+    log.info("evaluated %s on %s: %s", weights_path, config.data.eval_split, _format(metrics))
+    name = config.trainer.metric_for_best
+    if name not in metrics:
+        raise EngineError(f"trainer.metric_for_best={name!r} is not computed; choose one of {sorted(metrics)}")
+    return float(metrics[name])
+
+
 def _format(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
@@ -204,6 +240,8 @@ def fit(config: Config, backend: Backend) -> float:
     log.info("run dir %s | backend %s | %d process(es) | device %s", run_dir, backend.name,
              backend.num_processes, backend.device)
     seed_everything(config.seed)
+    if not t.do_train:
+        return evaluate_checkpoint(config, backend, run_dir)
 
     # --- Data: read, map labels, tokenize (rank 0 fills the cache first) ---------------
     tokenizer = load_tokenizer(config.model)
@@ -229,8 +267,9 @@ def fit(config: Config, backend: Backend) -> float:
 
     collator = make_collator(tokenizer, config.data)
     dev_loader = eval_loader(data.eval, t.eval_batch_size, collator, config.data.num_workers)
-    train_dl = train_loader(data.train, t.batch_size, config.seed, collator, config.data.num_workers)
-    sampler = train_dl.batch_sampler.sampler  # kept: the loop sets its epoch
+    train_dl, shuffler = train_loader(
+        data.train, t.batch_size, config.seed, collator, config.data.num_workers, config.data.group_by_length
+    )
     optimizer = build_optimizer(model, config.optim, backend.device)
     model, optimizer, train_dl, dev_loader = backend.prepare(model, optimizer, train_dl, dev_loader)
     classifier = backend.unwrap_model(model)
@@ -297,7 +336,7 @@ def fit(config: Config, backend: Backend) -> float:
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     model.train()
     for epoch in range(t.epochs if t.do_train else 0):
-        sampler.set_epoch(epoch)
+        shuffler.set_epoch(epoch)
         for micro_batches in micro_batch_groups(train_dl, t.grad_accum_steps):
             micro_batches = [backend.to_device(b) for b in micro_batches]
             step_loss = forward_backward(model, classifier, backend, micro_batches)
@@ -343,9 +382,7 @@ def fit(config: Config, backend: Backend) -> float:
     if t.do_train and last_eval_step != global_step:
         evaluate_and_keep_best(max(epoch, 0), global_step)
 
-    # --- Evaluation-only runs, and the test split with the best weights -----------------
-    if not t.do_train:
-        evaluate_and_keep_best(0, 0)
+    # --- The test split with the best weights -------------------------------------------
     if t.evaluate_test and data.test is not None and best_value is not None:
         best_weights = checkpoint.load_weights(run_dir / checkpoint.BEST_WEIGHTS) if backend.is_main_process else None
         best_weights = backend.broadcast_object(best_weights)

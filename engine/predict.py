@@ -1,0 +1,230 @@
+"""Loading a saved run and predicting texts or files; export to the Hugging Face format.
+
+Loading is safe (``torch.load(..., weights_only=True)`` only) and strict: missing or
+unexpected keys and shape mismatches are listed. Never imports the training loop.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.checkpoint import BEST_INFO, BEST_WEIGHTS, CheckpointError, check_state_dict, load_info, load_weights
+from engine.config import ProblemType
+from engine.metrics import sigmoid, softmax
+
+
+@dataclass
+class Prediction:
+    label: str | list[str]  # the top label, or for multi-label the labels over their thresholds
+    probabilities: dict[str, float] = field(default_factory=dict)
+
+
+def locate(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(weights, info)`` for a run directory, a ``.pth`` file or its ``.json``."""
+    path = Path(path)
+    if path.is_dir():
+        weights, info = path / BEST_WEIGHTS, path / BEST_INFO
+    elif path.suffix == ".json":
+        weights, info = path.with_suffix(".pth"), path
+    else:
+        weights, info = path, path.with_suffix(".json")
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint not found: {weights}")
+    if not info.is_file():
+        raise CheckpointError(f"{weights}: the description {info.name} is missing beside it")
+    return weights, info
+
+
+def build_hf_model(info: dict[str, Any]) -> torch.nn.Module:
+    """The architecture the checkpoint was trained with, from its JSON; weights are not loaded here."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    model_cfg = info.get("config", {}).get("model", {})
+    id2label = {int(k): v for k, v in info["id2label"].items()}
+    config = AutoConfig.from_pretrained(
+        info["model_source"],
+        num_labels=info["num_labels"],
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        problem_type=info["problem_type"],
+    )
+    for key, value in (model_cfg.get("config_overrides") or {}).items():
+        setattr(config, key, value)
+    attn = model_cfg.get("attn_implementation")
+    return AutoModelForSequenceClassification.from_config(config, **({"attn_implementation": attn} if attn else {}))
+
+
+class TextClassifier:
+    """A loaded checkpoint: ``predict(texts)`` gives label names and probabilities."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, info: dict[str, Any], device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.info = info
+        self.device = device
+        data_cfg = info.get("config", {}).get("data", {})
+        self.max_length = int(data_cfg.get("max_length", 512))
+        self.problem_type = ProblemType(info["problem_type"])
+        self.id2label = {int(k): v for k, v in info["id2label"].items()}
+        thresholds = info.get("thresholds", {})
+        self.thresholds = np.asarray(thresholds.get("per_label", [0.5] * len(self.id2label)), dtype=np.float64)
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.id2label[i] for i in range(len(self.id2label))]
+
+    @torch.inference_mode()
+    def logits(
+        self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray:
+        """Raw logits in input order; batches are sorted by length so padding stays small."""
+        from tqdm.auto import tqdm
+
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(pairs)} pair texts")
+        encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        out = np.zeros((len(texts), len(self.id2label)), dtype=np.float32)
+        for start in tqdm(range(0, len(order), batch_size), desc="predict", disable=not progress):
+            rows = order[start : start + batch_size]
+            features = [{k: encoded[k][i] for k in encoded.keys()} for i in rows]
+            batch = self.tokenizer.pad(features, return_tensors="pt")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            out[rows] = self.model(**batch).logits.float().cpu().numpy()
+        return out
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        if self.problem_type == ProblemType.multi_label_classification:
+            return sigmoid(logits)
+        return softmax(logits)
+
+    def predict(
+        self,
+        texts: list[str] | list[tuple[str, str]] | str,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> list[Prediction]:
+        """Predict single texts or ``(text, pair)`` tuples."""
+        if isinstance(texts, str):
+            texts = [texts]
+        pairs = None
+        if texts and isinstance(texts[0], (tuple, list)):
+            texts, pairs = [t[0] for t in texts], [t[1] for t in texts]  # type: ignore[index]
+        probs = self.probabilities(self.logits(list(texts), pairs, batch_size, progress))  # type: ignore[arg-type]
+        names = self.labels
+        results = []
+        for row in probs:
+            if self.problem_type == ProblemType.multi_label_classification:
+                label: str | list[str] = [names[i] for i in np.flatnonzero(row >= self.thresholds)]
+            else:
+                label = names[int(row.argmax())]
+            results.append(Prediction(label, {n: float(p) for n, p in zip(names, row, strict=True)}))
+        return results
+
+    def export(self, folder: str | os.PathLike) -> Path:
+        """A Hugging Face folder (safetensors, tokenizer, id2label/label2id in config.json)."""
+        folder = Path(folder)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        return folder
+
+
+def load_classifier(path: str | os.PathLike, device: str | torch.device | None = None) -> TextClassifier:
+    """Load ``best_acc_classify.pth`` (or its run directory) for inference; CUDA when present."""
+    from transformers import AutoTokenizer
+
+    weights_path, info_path = locate(path)
+    info = load_info(info_path)
+    for key in ("model_source", "num_labels", "id2label", "problem_type"):
+        if key not in info:
+            raise CheckpointError(f"{info_path}: missing key {key!r}")
+    model = build_hf_model(info)
+    state = load_weights(weights_path)
+    check_state_dict(model, state, weights_path)
+    model.load_state_dict(state, strict=True)
+    tokenizer = AutoTokenizer.from_pretrained(info.get("tokenizer") or info["model_source"])
+    resolved = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    return TextClassifier(model, tokenizer, info, resolved)
+
+
+def predict_file(
+    classifier: TextClassifier,
+    input_file: str | os.PathLike,
+    output_file: str | os.PathLike | None = None,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Path:
+    """Predict every row of a csv/tsv/jsonl/json/parquet file; the output keeps row order and count."""
+    import pandas as pd
+
+    from engine.checkpoint import atomic_write
+    from engine.config import DataConfig
+    from engine.data import DataError, read_table
+
+    trained = classifier.info.get("config", {}).get("data", {})
+    text_column = text_column or trained.get("text_column")
+    text_pair_column = text_pair_column if text_pair_column is not None else trained.get("text_pair_column")
+    input_file = Path(input_file)
+    frame = read_table(input_file, DataConfig(text_column=text_column or "text",
+                                              quoting=trained.get("quoting", "minimal")))
+    wanted = [c for c in (text_column, text_pair_column) if c]
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        raise DataError(f"{input_file}: no column {', '.join(map(repr, missing))}; it has {list(frame.columns)} "
+                        "(set text_column= / text_pair_column=)")
+    texts = frame[text_column].astype(str).tolist()
+    pairs = frame[text_pair_column].astype(str).tolist() if text_pair_column else None
+    probs = classifier.probabilities(classifier.logits(texts, pairs, batch_size, progress))
+    names = classifier.labels
+    out = pd.DataFrame({f"prob_{name}": probs[:, i] for i, name in enumerate(names)})
+    if classifier.problem_type == ProblemType.multi_label_classification:
+        out.insert(0, "labels", [",".join(names[i] for i in np.flatnonzero(r >= classifier.thresholds)) for r in probs])
+    else:
+        out.insert(0, "label", [names[i] for i in probs.argmax(axis=1)])
+    suffix = input_file.suffix.lower() if input_file.suffix.lower() in (".csv", ".tsv", ".jsonl") else ".csv"
+    output = Path(output_file) if output_file else input_file.with_name(f"{input_file.stem}.predictions{suffix}")
+    fmt = output.suffix.lower()
+    if fmt == ".jsonl":
+        text = out.to_json(orient="records", lines=True)
+    else:
+        text = out.to_csv(index=False, sep="\t" if fmt == ".tsv" else ",")
+    atomic_write(output, lambda handle: handle.write(text.encode()))
+    return output
+
+
+def predict_cli(cfg: Any) -> None:
+    from omegaconf import OmegaConf
+
+    from engine.errors import EngineError
+
+    config = OmegaConf.to_object(cfg)
+    classifier = load_classifier(config.checkpoint, config.device)
+    did = False
+    if config.export_dir:
+        print(f"exported to {classifier.export(config.export_dir)}")
+        did = True
+    if config.text is not None:
+        text: Any = (config.text, config.text_pair) if config.text_pair is not None else config.text
+        prediction = classifier.predict([text])[0]
+        print(f"label: {prediction.label if isinstance(prediction.label, str) else ', '.join(prediction.label)}")
+        for name, p in sorted(prediction.probabilities.items(), key=lambda kv: -kv[1]):
+            print(f"  {name}: {p:.4f}")
+        did = True
+    if config.input_file is not None:
+        output = predict_file(classifier, config.input_file, config.output_file, config.text_column,
+                              config.text_pair_column, config.batch_size, config.progress)
+        print(f"predictions written to {output}")
+        did = True
+    if not did:
+        raise EngineError("nothing to do: give text=\"...\", input_file=<file> or export_dir=<folder>")
