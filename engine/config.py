@@ -143,6 +143,9 @@ class Config:
     output_dir: str | None = None
     # A saved run (dir or best_acc_classify.pth) to evaluate with trainer.do_train=false.
     checkpoint: str | None = None
+    # Metric loggers: jsonl, tensorboard, wandb (optional package; WANDB_MODE=offline works).
+    logger: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    wandb_project: str = "engine"
 
 
 @dataclass

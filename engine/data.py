@@ -281,6 +281,7 @@ def tokenize_split(
 
     key = hashlib.sha256()
     for part in (
+        "tokenize-v2",  # bump when the cached columns change
         type(tokenizer).__name__,
         str(getattr(tokenizer, "name_or_path", "")),
         str(len(tokenizer)),
@@ -296,12 +297,11 @@ def tokenize_split(
     cache_file = cache_dir / f"{raw.name}-{key.hexdigest()[:24]}.arrow"
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
-        return tokenizer(
-            batch["text"],
-            batch.get("text_pair"),
-            truncation=True,
-            max_length=data.max_length,
-        )
+        encoded = tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=data.max_length)
+        # Untruncated lengths, for the pre-flight report (how much max_length cuts).
+        full = tokenizer(batch["text"], batch.get("text_pair"), truncation=False, verbose=False)
+        encoded["n_tokens"] = [len(ids) for ids in full["input_ids"]]
+        return encoded
 
     remove = [c for c in table.column_names if c != "labels"]
     return table.map(
@@ -397,6 +397,7 @@ class DataBundle:
     test: Any | None
     train_label_counts: list[int]
     sources: dict[str, str]
+    preflight: dict[str, Any]
 
 
 def label_counts(label_ids: Sequence[Any], space: LabelSpace) -> list[int]:
@@ -427,6 +428,9 @@ def load_data(
         space = build_label_space(raw["train"].labels if with_train else raw["validation"].labels, data)
     encoded = {name: encode_labels(split.labels, space, split.source) for name, split in raw.items()}
     tokenized = {name: tokenize_split(split, encoded[name], tokenizer, data) for name, split in raw.items()}
+    report = preflight(raw, encoded, {n: list(d["n_tokens"]) for n, d in tokenized.items()}, space,
+                       data.max_length)
+    tokenized = {name: d.remove_columns("n_tokens") for name, d in tokenized.items()}
     return DataBundle(
         labels=space,
         train=tokenized.get("train"),
@@ -434,7 +438,59 @@ def load_data(
         test=tokenized.get("test"),
         train_label_counts=label_counts(encoded["train"], space) if with_train else [],
         sources={name: split.source for name, split in raw.items()},
+        preflight=report,
     )
+
+
+def preflight(
+    raw: dict[str, RawSplit],
+    encoded: dict[str, list[Any]],
+    lengths: dict[str, list[int]],
+    space: LabelSpace,
+    max_length: int,
+) -> dict[str, Any]:
+    """What a practitioner checks before training: sizes, balance, lengths, truncation, leakage."""
+    report: dict[str, Any] = {"max_length": max_length, "splits": {}}
+    for name, split in raw.items():
+        counts = label_counts(encoded[name], space)
+        present = [c for c in counts if c > 0]
+        n_tokens = np.asarray(lengths[name])
+        p50, p90, p99 = (int(np.percentile(n_tokens, q, method="higher")) for q in (50, 90, 99))
+        report["splits"][name] = {
+            "rows": len(split.texts),
+            "label_counts": dict(zip(space.names, counts, strict=True)),
+            "imbalance_ratio": (max(present) / min(present)) if present else None,
+            "tokens": {"p50": p50, "p90": p90, "p99": p99, "max": int(n_tokens.max())},
+            "truncated_share": float((n_tokens > max_length).mean()),
+        }
+    reference = lengths.get("train") or lengths["validation"]
+    p99 = int(np.percentile(reference, 99, method="higher"))
+    report["suggested_max_length"] = int(min(512, 8 * math.ceil(p99 / 8)))
+
+    def keys(split: RawSplit) -> set[str]:
+        pairs = split.pairs or [""] * len(split.texts)
+        return {f"{t}\x1f{p}" for t, p in zip(split.texts, pairs, strict=True)}
+
+    if "train" in raw:
+        report["duplicates_train_dev"] = len(keys(raw["train"]) & keys(raw["validation"]))
+    return report
+
+
+def format_preflight(report: dict[str, Any]) -> str:
+    lines = ["data pre-flight:"]
+    for name, split in report["splits"].items():
+        tokens = split["tokens"]
+        ratio = split["imbalance_ratio"]
+        lines.append(
+            f"  {name}: {split['rows']} rows | labels {split['label_counts']} | imbalance "
+            f"{ratio:.2f} | tokens p50 {tokens['p50']} p90 {tokens['p90']} p99 {tokens['p99']} max {tokens['max']}"
+            f" | truncated at {report['max_length']}: {100 * split['truncated_share']:.1f}%"
+            if ratio is not None else f"  {name}: {split['rows']} rows"
+        )
+    lines.append(f"  suggested max_length (p99 of train, to a multiple of 8): {report['suggested_max_length']}")
+    if "duplicates_train_dev" in report:
+        lines.append(f"  texts in both train and dev: {report['duplicates_train_dev']}")
+    return "\n".join(lines)
 
 
 def make_collator(tokenizer: Any, data: DataConfig):

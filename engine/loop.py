@@ -25,9 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from engine import checkpoint, tracking
 from engine.backend import Backend, make_backend
 from engine.config import Config, OptimConfig, ProblemType, validate
-from engine.data import eval_loader, load_data, make_collator, train_loader
+from engine.data import eval_loader, format_preflight, load_data, make_collator, train_loader
 from engine.errors import EngineError
-from engine.metrics import compute_metrics
+from engine.metrics import compute_metrics, confusion, per_class_report
 from engine.model import build_model, load_tokenizer, plain_state_dict, resolve_class_weights
 
 log = logging.getLogger("engine.loop")
@@ -252,8 +252,9 @@ def fit(config: Config, backend: Backend) -> float:
         raise EngineError(
             f"{data.sources['train']}: {len(data.train)} training rows for {backend.num_processes} processes"
         )
-    log.info("data: %s | labels %s", {k: len(v) for k, v in
-             (("train", data.train), ("eval", data.eval), ("test", data.test)) if v is not None}, labels.names)
+    log.info("%s", format_preflight(data.preflight))
+    if backend.is_main_process:
+        checkpoint.atomic_write_json(run_dir / "preflight.json", data.preflight)
 
     # --- Model with the weighted loss in its forward -----------------------------------
     n_train = len(data.train) if data.train is not None else 0
@@ -286,15 +287,15 @@ def fit(config: Config, backend: Backend) -> float:
     )
     (scheduler,) = backend.prepare(scheduler)
 
-    step_log = tracking.JsonlLogger(run_dir / tracking.TRAIN_METRICS, enabled=backend.is_main_process)
-    eval_log = tracking.JsonlLogger(run_dir / tracking.EVAL_METRICS, enabled=backend.is_main_process)
+    tracker = tracking.Tracker(run_dir, config.logger, backend.is_main_process, resolved, config.wandb_project)
     best_value: float | None = None
     best_step = -1
+    best_predictions: tuple[np.ndarray, np.ndarray] | None = None
     sign = 1.0 if t.greater_is_better else -1.0
 
     def evaluate_and_keep_best(epoch: int, step: int) -> dict[str, float]:
-        nonlocal best_value, best_step
-        metrics, _, _ = evaluate(model, dev_loader, backend, labels.problem_type, t.progress)
+        nonlocal best_value, best_step, best_predictions
+        metrics, logits, gold = evaluate(model, dev_loader, backend, labels.problem_type, t.progress)
         if t.metric_for_best not in metrics:
             raise EngineError(
                 f"trainer.metric_for_best={t.metric_for_best!r} is not computed; choose one of {sorted(metrics)}"
@@ -302,9 +303,12 @@ def fit(config: Config, backend: Backend) -> float:
         value = metrics[t.metric_for_best]
         improved = math.isfinite(value) and (best_value is None or sign * (value - best_value) > 0)
         if improved:
-            best_value, best_step = value, step
-        eval_log.log({"epoch": epoch, **metrics, "best": best_value, "is_best": improved}, step)
+            best_value, best_step, best_predictions = value, step, (logits, gold)
+        tracker.log("eval", {"epoch": epoch, **metrics, "best": best_value, "is_best": improved}, step)
         log.info("eval epoch %d step %d: %s%s", epoch, step, _format(metrics), " (best)" if improved else "")
+        if backend.is_main_process:
+            report = per_class_report(logits, gold, labels.problem_type, labels.names)
+            tracking.append_per_class(run_dir, report, step)
         # Every rank computed the same metric from the same gathered predictions, so all agree.
         if improved and backend.is_main_process:
             checkpoint.save_best(run_dir, plain_state_dict(classifier), {
@@ -329,18 +333,19 @@ def fit(config: Config, backend: Backend) -> float:
     # --- Train --------------------------------------------------------------------------
     global_step = 0
     last_eval_step = -1
+    train_samples, train_tokens, train_seconds = 0, 0, 0.0
     window_loss = torch.zeros((), device=backend.device)
+    window_tokens = torch.zeros((), device=backend.device, dtype=torch.long)
     window_steps, window_samples, window_start = 0, 0, time.perf_counter()
     bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True,
-               disable=not (t.progress and backend.is_main_process) or not t.do_train,
+               disable=not (t.progress and backend.is_main_process),
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     model.train()
-    for epoch in range(t.epochs if t.do_train else 0):
+    for epoch in range(t.epochs):
         shuffler.set_epoch(epoch)
         for micro_batches in micro_batch_groups(train_dl, t.grad_accum_steps):
             micro_batches = [backend.to_device(b) for b in micro_batches]
             step_loss = forward_backward(model, classifier, backend, micro_batches)
-            window_samples += sum(b["labels"].shape[0] for b in micro_batches)
             grad_norm = (
                 backend.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
             )
@@ -349,59 +354,98 @@ def fit(config: Config, backend: Backend) -> float:
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
             window_loss += step_loss
+            window_tokens += sum(b["attention_mask"].sum() for b in micro_batches)
+            window_samples += sum(b["labels"].shape[0] for b in micro_batches)
             window_steps += 1
             bar.update(1)
 
             if global_step % t.log_every == 0 or global_step == total_steps:
-                # A CPU-GPU sync point: only every log_every steps.
-                mean_loss = float(backend.reduce_sum(window_loss) / backend.num_processes / window_steps)
+                # A CPU-GPU sync point: only every log_every steps. Figures are over all processes.
                 elapsed = time.perf_counter() - window_start
+                mean_loss = float(backend.reduce_sum(window_loss) / backend.num_processes / window_steps)
+                samples = int(backend.reduce_sum(torch.tensor(window_samples, device=backend.device)))
+                tokens = int(backend.reduce_sum(window_tokens))
                 record = {
                     "epoch": epoch,
                     "loss": mean_loss,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "samples_per_s": window_samples * backend.num_processes / max(elapsed, 1e-9),
+                    "samples_per_s": samples / max(elapsed, 1e-9),
+                    "tokens_per_s": tokens / max(elapsed, 1e-9),
                 }
-                step_log.log(record, global_step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
+                tracker.log("train", record, global_step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                samples_s=f"{record['samples_per_s']:.1f}")
+                train_samples, train_tokens, train_seconds = (
+                    train_samples + samples, train_tokens + tokens, train_seconds + elapsed
+                )
                 window_loss.zero_()
-                window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+                window_tokens.zero_()
+                window_steps, window_samples = 0, 0
 
             if t.eval_every and global_step % t.eval_every == 0:
                 evaluate_and_keep_best(epoch, global_step)
                 last_eval_step = global_step
+            # Evaluation time is not training time.
+            window_start = time.perf_counter() if window_steps == 0 else window_start
             if global_step >= total_steps:
                 break
         if t.eval_every == 0 and last_eval_step != global_step:
             evaluate_and_keep_best(epoch, global_step)
             last_eval_step = global_step
+            window_start = time.perf_counter()
         if global_step >= total_steps:
             break
     bar.close()
-    if t.do_train and last_eval_step != global_step:
-        evaluate_and_keep_best(max(epoch, 0), global_step)
+    if last_eval_step != global_step:
+        evaluate_and_keep_best(epoch, global_step)
 
     # --- The test split with the best weights -------------------------------------------
+    test_metrics: dict[str, float] | None = None
     if t.evaluate_test and data.test is not None and best_value is not None:
         best_weights = checkpoint.load_weights(run_dir / checkpoint.BEST_WEIGHTS) if backend.is_main_process else None
         best_weights = backend.broadcast_object(best_weights)
         classifier.hf_model.load_state_dict(best_weights)
         test_loader = backend.prepare(eval_loader(data.test, t.eval_batch_size, collator))[0]
         test_metrics, _, _ = evaluate(model, test_loader, backend, labels.problem_type, t.progress)
-        eval_log.log({"split": "test", **test_metrics}, global_step)
+        tracker.log("test", test_metrics, global_step)
         if backend.is_main_process:
             checkpoint.atomic_write_json(run_dir / "test_metrics.json", test_metrics)
         log.info("test (best checkpoint, step %d): %s", best_step, _format(test_metrics))
+    tracker.close()
 
-    step_log.close()
-    eval_log.close()
-    wall = time.perf_counter() - started
-    log.info("done in %.1f s: best %s=%s at step %d; files in %s", wall, t.metric_for_best,
-             f"{best_value:.4f}" if best_value is not None else None, best_step, run_dir)
-    backend.wait_for_everyone()
+    # --- Plots and the run summary (main process) ---------------------------------------
     if best_value is None:
         raise EngineError(f"no finite {t.metric_for_best} was ever computed; nothing was saved")
+    if backend.is_main_process:
+        from engine import plots
+
+        plots.plot_curves(run_dir, t.metric_for_best)
+        if best_predictions is not None:
+            logits, gold = best_predictions
+            if labels.problem_type == ProblemType.single_label_classification:
+                plots.plot_confusion(confusion(logits, gold, labels.num_labels), labels.names,
+                                     run_dir / plots.CONFUSION)
+            else:
+                report = per_class_report(logits, gold, labels.problem_type, labels.names)
+                plots.plot_per_label_f1([r["f1"] for r in report], [r["support"] for r in report], labels.names,
+                                        run_dir / plots.PER_LABEL_F1)
+        summary = {
+            "best_metric": t.metric_for_best,
+            "best_value": best_value,
+            "best_step": best_step,
+            "steps": global_step,
+            "test": test_metrics,
+            "wall_seconds": time.perf_counter() - started,
+            "train_samples_per_s": train_samples / max(train_seconds, 1e-9),
+            "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
+            "processes": backend.num_processes,
+            "run_dir": str(run_dir),
+            "files": sorted(p.name for p in run_dir.iterdir()),
+        }
+        checkpoint.atomic_write_json(run_dir / "summary.json", summary)
+        log.info("%s", tracking.format_summary(summary))
+    backend.wait_for_everyone()
     return float(best_value)
 
 

@@ -51,3 +51,38 @@ def compute_metrics(
     return metric.compute(
         predictions=logits.argmax(axis=-1).tolist(), references=labels.tolist(), num_labels=logits.shape[-1]
     )
+
+
+def predicted_labels(logits: np.ndarray, problem_type: ProblemType, threshold: float | list[float] = 0.5):
+    if ProblemType(problem_type) == ProblemType.multi_label_classification:
+        return (sigmoid(logits) >= np.asarray(threshold)).astype(np.int64)
+    return logits.argmax(axis=-1)
+
+
+def per_class_report(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    problem_type: ProblemType,
+    names: list[str],
+    threshold: float | list[float] = 0.5,
+) -> list[dict[str, float | int | str]]:
+    """Precision, recall, F1 and support for each label."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    predicted = predicted_labels(logits, problem_type, threshold)
+    kwargs = {} if ProblemType(problem_type) == ProblemType.multi_label_classification else {
+        "labels": list(range(len(names)))
+    }
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels.astype(np.int64), predicted, average=None, zero_division=0, **kwargs
+    )
+    return [
+        {"label": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for name, p, r, f, s in zip(names, precision, recall, f1, support, strict=True)
+    ]
+
+
+def confusion(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> np.ndarray:
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(labels, logits.argmax(axis=-1), labels=list(range(num_labels)))

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.errors import EngineError
+
 LOG_FILE = "train.log"
 EVAL_METRICS = "metrics.jsonl"  # one line per evaluation
 TRAIN_METRICS = "train_steps.jsonl"  # one line per logging step
@@ -68,7 +70,7 @@ def _clean(value: Any) -> Any:
 
 
 class JsonlLogger:
-    """``log(metrics, step)`` appends one JSON line; ``close()`` closes the file."""
+    """``log(metrics, step)`` appends one JSON line to ``path``; ``close()`` closes the file."""
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
@@ -85,3 +87,123 @@ class JsonlLogger:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+class TensorBoardLogger:
+    """Scalars under ``<run dir>/tensorboard``, named ``<split>/<metric>``."""
+
+    def __init__(self, folder: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger:
+    """Weights & Biases; ``WANDB_MODE=offline`` keeps everything local."""
+
+    def __init__(self, run_dir: Path, project: str, config: dict[str, Any]) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise EngineError("logger includes wandb but the wandb package is not installed (pip install wandb)")
+        self.run = wandb.init(project=project, dir=str(run_dir), config=config, reinit=True)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+
+
+class Tracker:
+    """Fans each record out to the configured loggers; does nothing off the main process.
+
+    JSONL keeps two files: ``train_steps.jsonl`` (one line per logging step) and
+    ``metrics.jsonl`` (one line per evaluation). TensorBoard and W&B get
+    ``train/<name>`` and ``eval/<name>`` scalars.
+    """
+
+    def __init__(
+        self, run_dir: Path, loggers: list[str], enabled: bool, config: dict[str, Any], project: str = "engine"
+    ) -> None:
+        unknown = [name for name in loggers if name not in LOGGERS]
+        if unknown:
+            raise EngineError(f"logger: unknown {unknown}; choose from {list(LOGGERS)}")
+        self.enabled = enabled
+        self.streams: dict[str, JsonlLogger] = {}
+        self.scalars: list[Any] = []
+        if not enabled:
+            return
+        if "jsonl" in loggers:
+            self.streams = {"train": JsonlLogger(run_dir / TRAIN_METRICS), "eval": JsonlLogger(run_dir / EVAL_METRICS)}
+        if "tensorboard" in loggers:
+            self.scalars.append(TensorBoardLogger(run_dir / "tensorboard"))
+        if "wandb" in loggers:
+            self.scalars.append(WandbLogger(run_dir, project, config))
+
+    def log(self, split: str, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        stream = self.streams.get("train" if split == "train" else "eval")
+        if stream is not None:
+            stream.log(metrics if split in ("train", "eval") else {"split": split, **metrics}, step)
+        for logger in self.scalars:
+            logger.log({f"{split}/{k}": v for k, v in metrics.items()}, step)
+
+    def close(self) -> None:
+        for logger in [*self.streams.values(), *self.scalars]:
+            logger.close()
+        self.streams, self.scalars = {}, []
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+PER_CLASS = "per_class.csv"
+
+
+def append_per_class(run_dir: Path, report: list[dict[str, Any]], step: int) -> Path:
+    """One block of rows per evaluation: step, label, precision, recall, f1, support."""
+    import csv
+
+    path = run_dir / PER_CLASS
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["step", "label", "precision", "recall", "f1", "support"])
+        if new:
+            writer.writeheader()
+        for row in report:
+            writer.writerow({"step": step, **row})
+    return path
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        "run summary:",
+        f"  best {summary['best_metric']} = {summary['best_value']:.4f} at step {summary['best_step']}"
+        f" of {summary['steps']}",
+    ]
+    if summary.get("test"):
+        lines.append("  test (best checkpoint): " + " ".join(
+            f"{k}={v:.4f}" for k, v in summary["test"].items() if isinstance(v, float)))
+    lines += [
+        f"  wall time {summary['wall_seconds']:.1f} s | training {summary['train_samples_per_s']:.1f} samples/s, "
+        f"{summary['train_tokens_per_s']:.0f} tokens/s on {summary['processes']} process(es)",
+        f"  files in {summary['run_dir']}: {', '.join(summary['files'])}",
+    ]
+    return "\n".join(lines)

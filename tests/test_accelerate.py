@@ -93,7 +93,8 @@ def test_two_gloo_processes_one_run_dir_every_dev_sample_once(tmp_path, dev_size
     result = subprocess.run(
         [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + dev_size),
-         str(ROOT / "train.py"), *TINY, f"data.max_eval_samples={dev_size}", f"data.cache_dir={tmp_path}/cache"],
+         str(ROOT / "train.py"), *[o for o in TINY if "progress" not in o], "trainer.progress=true",
+         f"data.max_eval_samples={dev_size}", f"data.cache_dir={tmp_path}/cache"],
         capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -107,6 +108,8 @@ def test_two_gloo_processes_one_run_dir_every_dev_sample_once(tmp_path, dev_size
     assert len(steps) == 4  # 64 rows, batch 8, 2 processes -> 4 optimizer steps, logged once each
     log = (run / "train.log").read_text()
     assert "2 process(es)" in log and log.count("eval epoch 0 step 4") == 1  # only rank 0 logs
+    assert result.stderr.count("train: 100%") == 1  # one progress bar
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
     state = torch.load(run / "best_acc_classify.pth", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
     assert json.loads((run / "best_acc_classify.json").read_text())["metric_value"] == evals[0]["accuracy"]
