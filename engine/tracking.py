@@ -31,6 +31,9 @@ def setup_logging(run_dir: Path, is_main_process: bool) -> None:
     root = logging.getLogger()
     target = (run_dir / LOG_FILE).resolve()
     if not is_main_process:
+        import datasets
+
+        datasets.disable_progress_bars()  # one set of bars: rank 0's
         for handler in list(root.handlers):
             if isinstance(handler, logging.FileHandler):
                 root.removeHandler(handler)
