@@ -125,6 +125,14 @@ class ManualBackend:
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def any_process(self, flag: bool) -> bool:
+        return bool(flag)
+
+    def skip_first_batches(self, loader: Any, num_batches: int) -> Any:
+        from engine.data import skip_first_batches
+
+        return skip_first_batches(loader, num_batches)
+
     def broadcast_object(self, obj: Any) -> Any:
         return obj
 
@@ -193,6 +201,15 @@ class AccelerateBackend:
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum")
+
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when it is true on any: one decision for all ranks."""
+        if self.num_processes == 1:
+            return bool(flag)
+        return bool(self.reduce_sum(torch.tensor(float(flag), device=self.device)) > 0)
+
+    def skip_first_batches(self, loader: Any, num_batches: int) -> Any:
+        return self.accelerator.skip_first_batches(loader, num_batches)
 
     def broadcast_object(self, obj: Any) -> Any:
         if self.num_processes == 1:

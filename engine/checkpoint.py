@@ -145,3 +145,121 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20]))
         raise CheckpointError(f"{source} does not fit {type(model).__name__}:\n  " + "\n  ".join(parts))
+
+
+# ---------------------------------------------------------------------------
+# Resumable training state: <run dir>/state/step_<N>/, complete when COMPLETE exists
+# ---------------------------------------------------------------------------
+
+STATE_DIR = "state"
+COMPLETE = "COMPLETE"
+MODEL_KEY, OPTIMIZER_KEY, SCHEDULER_KEY, SCALER_KEY = "model", "optimizer", "scheduler", "scaler"
+PROGRESS_FILE = "progress.json"
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every generator this process draws from, as tensors and plain values (weights_only-safe)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["internal"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype("uint32"), numpy["position"],
+                         numpy["has_gauss"], numpy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_tensor_file(path: Path, payload: Any) -> None:
+    atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def state_step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / STATE_DIR / f"step_{step:08d}"
+
+
+def write_state_part(folder: Path, name: str, payload: Any) -> None:
+    """One file of a state being written (each rank writes its own RNG file this way)."""
+    _save_tensor_file(folder / name, payload)
+
+
+def begin_state(run_dir: Path, step: int) -> Path:
+    """The temp folder a new state is written into (removed first if a crash left one)."""
+    import shutil
+
+    folder = Path(run_dir) / STATE_DIR / f".tmp_step_{step:08d}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def commit_state(folder: Path, step: int, progress: dict[str, Any]) -> Path:
+    """Write the progress record and the COMPLETE marker, rename into place, then drop older states."""
+    import shutil
+
+    atomic_write_json(folder / PROGRESS_FILE, progress)
+    atomic_write(folder / COMPLETE, lambda handle: handle.write(b"ok\n"))
+    _fsync_dir(folder)
+    final = state_step_dir(folder.parent.parent, step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(folder, final)
+    _fsync_dir(final.parent)
+    for older in final.parent.iterdir():  # only now that the new state is complete
+        if older != final and older.name.startswith("step_"):
+            shutil.rmtree(older, ignore_errors=True)
+    return final
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE).is_file() and (folder / PROGRESS_FILE).is_file() and (folder / MODEL_KEY).is_file()
+
+
+def latest_state(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete state under ``run_dir/state`` and warnings for the incomplete ones skipped."""
+    root = Path(run_dir) / STATE_DIR
+    if not root.is_dir():
+        return None, []
+    warnings = []
+    for folder in sorted((p for p in root.iterdir() if p.name.startswith("step_")), reverse=True):
+        if is_complete(folder):
+            try:
+                load_info(folder / PROGRESS_FILE)
+                return folder, warnings
+            except CheckpointError as error:
+                warnings.append(f"skipping {folder}: {error}")
+        else:
+            warnings.append(f"skipping incomplete state {folder}")
+    return None, warnings
+
+
+def load_state_part(folder: Path, name: str) -> Any:
+    path = Path(folder) / name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing from the saved state")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a safe, complete state file ({type(error).__name__}: {error})") from None

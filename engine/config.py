@@ -30,6 +30,11 @@ class MixedPrecision(str, Enum):
     fp16 = "fp16"
 
 
+class NonFinite(str, Enum):
+    skip = "skip"
+    stop = "stop"
+
+
 class BackendName(str, Enum):
     auto = "auto"
     manual = "manual"
@@ -67,6 +72,8 @@ class DataConfig:
     text_column: str = MISSING
     text_pair_column: str | None = None
     label_column: str = "label"
+    # Multi-label labels given as one string are split on this (lists are taken as they are).
+    label_delimiter: str = ","
     # Names of the labels in id order. Labels in the files may be ids or these names.
     label_names: list[str] | None = None
     num_labels: int | None = None
@@ -115,6 +122,13 @@ class TrainerConfig:
     do_train: bool = True
     evaluate_test: bool = False
     progress: bool = True
+    # Resumable state in <run dir>/state: every N optimizer steps (0: never mid-epoch) and at each
+    # epoch end; false writes none.
+    save_state: bool = True
+    save_every: int = 0
+    # A non-finite loss or gradient: skip the step, or stop the run. Too many skips stop it too.
+    on_nonfinite: NonFinite = NonFinite.skip
+    max_nonfinite: int = 10
 
 
 @dataclass
@@ -143,6 +157,9 @@ class Config:
     output_dir: str | None = None
     # A saved run (dir or best_acc_classify.pth) to evaluate with trainer.do_train=false.
     checkpoint: str | None = None
+    # Continue a run: a run dir (its newest complete state), a state folder, or "auto" (this
+    # run dir's newest complete state, if any).
+    resume: str | None = None
     # Metric loggers: jsonl, tensorboard, wandb (optional package; WANDB_MODE=offline works).
     logger: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
     wandb_project: str = "engine"
@@ -241,6 +258,8 @@ def validate(cfg: DictConfig) -> Config:
     check(t.grad_accum_steps >= 1, f"trainer.grad_accum_steps must be >= 1, got {t.grad_accum_steps}")
     check(t.eval_every >= 0, f"trainer.eval_every must be >= 0, got {t.eval_every}")
     check(t.log_every >= 1, f"trainer.log_every must be >= 1, got {t.log_every}")
+    check(t.save_every >= 0, f"trainer.save_every must be >= 0, got {t.save_every}")
+    check(t.max_nonfinite >= 0, f"trainer.max_nonfinite must be >= 0, got {t.max_nonfinite}")
     check(t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps must be >= 1 or null, got {t.max_steps}")
     check(
         t.max_grad_norm is None or t.max_grad_norm > 0,

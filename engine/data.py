@@ -149,44 +149,80 @@ def build_label_space(train_labels: Sequence[Any], data: DataConfig) -> LabelSpa
     else:
         values = list(train_labels)
         if data.problem_type == ProblemType.multi_label_classification:
-            values = [v for row in values for v in _split_multi(row)]
-        ints = [_as_int(v) for v in values]
-        if values and all(i is not None for i in ints):
-            count = data.num_labels or (max(ints) + 1)  # type: ignore[type-var]
+            values = [v for row in values for v in split_multi(row, data.label_delimiter)]
+        numeric = sum(_as_int(v) is not None or _is_float(v) for v in values)
+        if values and numeric >= len(values) / 2:
+            # Mostly numeric labels are ids; negative, -100, float and stray names are reported by encode_labels.
+            ids = [i for i in (_as_int(v) for v in values) if i is not None and i >= 0]
+            count = data.num_labels or (max(ids) + 1 if ids else 0)
             names = [str(i) for i in range(count)]
         else:
             names = sorted({str(v).strip() for v in values})
-    if data.num_labels is not None and data.num_labels != len(names):
-        raise DataError(f"data.num_labels={data.num_labels} but the labels are {len(names)}: {names[:10]}")
+    if data.num_labels is not None and names and data.num_labels != len(names):
+        raise DataError(
+            f"data.num_labels={data.num_labels} but there are {len(names)} labels: {names[:10]}"
+            + (" (from data.label_names)" if data.label_names is not None else " (found in the training labels)")
+        )
     return LabelSpace(names=names, problem_type=data.problem_type)
 
 
-def _split_multi(value: Any) -> list[Any]:
+def split_multi(value: Any, delimiter: str = ",") -> list[Any]:
+    """A multi-label cell as a list: a list stays a list, a string is split on ``delimiter``."""
     if isinstance(value, (list, tuple, np.ndarray)):
         return list(value)
-    return [part for part in str(value).split(",") if part.strip() != ""]
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(delimiter) if part.strip() != ""]
+    return [value]
 
 
-def encode_labels(values: Sequence[Any], space: LabelSpace, where: str) -> list[Any]:
-    """Map raw label values to ids (or multi-hot rows); name every bad value with its rows."""
+def _is_float(value: Any) -> bool:
+    if isinstance(value, (float, np.floating)):
+        return True
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return False
+        return _as_int(value) is None
+    return False
+
+
+def _what_is_wrong(value: Any, space: LabelSpace) -> str:
+    number = _as_int(value)
+    if number == -100:
+        return "-100 (the loss's ignore index: drop these rows rather than label them -100)"
+    if number is not None and number < 0:
+        return "negative label ids"
+    if number is not None:
+        return f"label ids out of range [0, {space.num_labels})"
+    if _is_float(value):
+        kind = "multi-label" if space.problem_type == ProblemType.multi_label_classification else "single-label"
+        return f"float labels in a {kind} task (labels must be integer ids or names)"
+    return "unknown label names"
+
+
+def encode_labels(
+    values: Sequence[Any], space: LabelSpace, where: str, column: str = "label", delimiter: str = ","
+) -> list[Any]:
+    """Map raw label values to ids (or multi-hot rows); every bad value is reported, grouped by kind."""
     label2id = space.label2id
-    bad: dict[str, list[int]] = {}
+    bad: dict[str, dict[str, list[int]]] = {}
 
     def to_id(value: Any, row: int) -> int:
         text = str(value).strip()
         if text in label2id:
             return label2id[text]
         number = _as_int(value)
-        if number is not None and 0 <= number < space.num_labels:
+        if number is not None and 0 <= number < space.num_labels and not isinstance(value, float):
             return number
-        bad.setdefault(text, []).append(row)
+        bad.setdefault(_what_is_wrong(value, space), {}).setdefault(text, []).append(row)
         return -1
 
     encoded: list[Any] = []
     for row, value in enumerate(values):
         if space.problem_type == ProblemType.multi_label_classification:
             hot = [0.0] * space.num_labels
-            for part in _split_multi(value):
+            for part in split_multi(value, delimiter):
                 index = to_id(part, row)
                 if index >= 0:
                     hot[index] = 1.0
@@ -194,12 +230,16 @@ def encode_labels(values: Sequence[Any], space: LabelSpace, where: str) -> list[
         else:
             encoded.append(to_id(value, row))
     if bad:
-        examples = ", ".join(
-            f"{value!r} ({len(rows)} rows, first at data row {rows[0] + 1})" for value, rows in list(bad.items())[:5]
-        )
+        total = sum(len(rows) for kinds in bad.values() for rows in kinds.values())
+        parts = []
+        for kind, examples in bad.items():
+            count = sum(len(rows) for rows in examples.values())
+            shown = ", ".join(f"{value!r} ({len(rows)}x, first at data row {rows[0] + 1})"
+                              for value, rows in list(examples.items())[:5])
+            parts.append(f"{count} with {kind}: {shown}")
         raise DataError(
-            f"{where}: {sum(len(r) for r in bad.values())} labels are not among the {space.num_labels} "
-            f"labels {space.names[:10]}: {examples}"
+            f"{where}: {total} bad labels in column {column!r}; the {space.num_labels} labels are "
+            f"{space.names[:10]}{' ...' if space.num_labels > 10 else ''}\n  " + "\n  ".join(parts)
         )
     return encoded
 
@@ -376,6 +416,33 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
+class SkipBatches(Sampler[list[int]]):
+    """The batches of ``batch_sampler`` after the first ``skip`` (resuming mid-epoch)."""
+
+    def __init__(self, batch_sampler: Any, skip: int) -> None:
+        self.batch_sampler = batch_sampler
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for index, batch in enumerate(self.batch_sampler):
+            if index >= self.skip:
+                yield batch
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.skip)
+
+
+def skip_first_batches(loader: DataLoader, skip: int) -> DataLoader:
+    """A loader over the same data that starts after ``skip`` batches, without loading the skipped ones."""
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=SkipBatches(loader.batch_sampler, skip),
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        generator=loader.generator,
+    )
+
+
 class LengthSortedSampler(Sampler[int]):
     """Indices longest first, so each evaluation batch holds similar lengths (little padding)."""
 
@@ -426,7 +493,14 @@ def load_data(
         space = LabelSpace(names=list(label_names), problem_type=data.problem_type)
     else:
         space = build_label_space(raw["train"].labels if with_train else raw["validation"].labels, data)
-    encoded = {name: encode_labels(split.labels, space, split.source) for name, split in raw.items()}
+    if space.num_labels < 1:
+        raise DataError(f"{raw[next(iter(raw))].source}: no labels found in column {data.label_column!r}")
+    encoded = {
+        name: encode_labels(split.labels, space, split.source, data.label_column, data.label_delimiter)
+        for name, split in raw.items()
+    }
+    if "train" in encoded:
+        _warn_labels_missing_from_train(encoded, space)
     tokenized = {name: tokenize_split(split, encoded[name], tokenizer, data) for name, split in raw.items()}
     report = preflight(raw, encoded, {n: list(d["n_tokens"]) for n, d in tokenized.items()}, space,
                        data.max_length)
@@ -440,6 +514,22 @@ def load_data(
         sources={name: split.source for name, split in raw.items()},
         preflight=report,
     )
+
+
+def _warn_labels_missing_from_train(encoded: dict[str, list[Any]], space: LabelSpace) -> list[str]:
+    """A label with no training example that still appears in dev or test: a warning, not an error."""
+    train = label_counts(encoded["train"], space)
+    warnings = []
+    for split in ("validation", "test"):
+        if split not in encoded:
+            continue
+        counts = label_counts(encoded[split], space)
+        for name, in_train, in_split in zip(space.names, train, counts, strict=True):
+            if in_train == 0 and in_split > 0:
+                warnings.append(f"label {name!r} has no training example but {in_split} in {split}")
+    for message in warnings:
+        log.warning("%s", message)
+    return warnings
 
 
 def preflight(
@@ -512,7 +602,9 @@ def train_loader(
     else:
         shuffler = EpochShuffleSampler(len(dataset), seed)
         batches = BatchSampler(shuffler, batch_size=batch_size, drop_last=False)
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers)
+    # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(seed))
     return loader, shuffler
 
 
@@ -524,4 +616,5 @@ def eval_loader(dataset: Any, batch_size: int, collator: Any, num_workers: int =
         batch_size=batch_size,
         collate_fn=collator,
         num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),  # iterating never draws from the global RNG
     )

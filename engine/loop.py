@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from engine import checkpoint, tracking
+from engine import checkpoint, resume, tracking
 from engine.backend import Backend, make_backend
-from engine.config import Config, OptimConfig, ProblemType, validate
+from engine.config import Config, MixedPrecision, NonFinite, OptimConfig, ProblemType, validate
 from engine.data import eval_loader, format_preflight, load_data, make_collator, train_loader
 from engine.errors import EngineError
-from engine.metrics import compute_metrics, confusion, per_class_report
+from engine.metrics import compute_metrics, confusion, per_class_report, sigmoid, tune_thresholds
+from engine.resume import Progress
 from engine.model import build_model, load_tokenizer, plain_state_dict, resolve_class_weights
 
 log = logging.getLogger("engine.loop")
@@ -287,29 +288,36 @@ def fit(config: Config, backend: Backend) -> float:
     )
     (scheduler,) = backend.prepare(scheduler)
 
-    tracker = tracking.Tracker(run_dir, config.logger, backend.is_main_process, resolved, config.wandb_project)
-    best_value: float | None = None
-    best_step = -1
+    # --- Resume: a saved state replaces the fresh weights, optimizer and schedule -------
+    progress = Progress()
     best_predictions: tuple[np.ndarray, np.ndarray] | None = None
+    state_folder = resume.find_state(config.resume, run_dir) if config.resume else None
+    if state_folder is not None:
+        progress, parts = resume.load(state_folder, backend, resolved)
+        checkpoint.check_state_dict(classifier.hf_model, parts[checkpoint.MODEL_KEY], state_folder)
+        classifier.hf_model.load_state_dict(parts[checkpoint.MODEL_KEY])
+        optimizer.load_state_dict(parts[checkpoint.OPTIMIZER_KEY])
+        scheduler.load_state_dict(parts[checkpoint.SCHEDULER_KEY])
+        if "best_logits" in parts["extra"]:
+            best_predictions = (parts["extra"]["best_logits"].numpy(), parts["extra"]["best_labels"].numpy())
+        log.info("resuming from %s: epoch %d, step %d", state_folder, progress.epoch, progress.global_step)
+    elif config.resume == "auto":
+        log.info("resume=auto: no saved state in %s, starting fresh", run_dir)
+    tracker = tracking.Tracker(run_dir, config.logger, backend.is_main_process, resolved, config.wandb_project,
+                               resume_step=progress.global_step if state_folder else None)
     sign = 1.0 if t.greater_is_better else -1.0
 
     def evaluate_and_keep_best(epoch: int, step: int) -> dict[str, float]:
-        nonlocal best_value, best_step, best_predictions
+        nonlocal best_predictions
         metrics, logits, gold = evaluate(model, dev_loader, backend, labels.problem_type, t.progress)
         if t.metric_for_best not in metrics:
             raise EngineError(
                 f"trainer.metric_for_best={t.metric_for_best!r} is not computed; choose one of {sorted(metrics)}"
             )
         value = metrics[t.metric_for_best]
-        improved = math.isfinite(value) and (best_value is None or sign * (value - best_value) > 0)
-        if improved:
-            best_value, best_step, best_predictions = value, step, (logits, gold)
-        tracker.log("eval", {"epoch": epoch, **metrics, "best": best_value, "is_best": improved}, step)
-        log.info("eval epoch %d step %d: %s%s", epoch, step, _format(metrics), " (best)" if improved else "")
-        if backend.is_main_process:
-            report = per_class_report(logits, gold, labels.problem_type, labels.names)
-            tracking.append_per_class(run_dir, report, step)
-        # Every rank computed the same metric from the same gathered predictions, so all agree.
+        best = progress.best_value
+        # A non-finite metric, or non-finite weights (checked in save_best), never become "best".
+        improved = math.isfinite(value) and (best is None or sign * (value - best) > 0)
         if improved and backend.is_main_process:
             checkpoint.save_best(run_dir, plain_state_dict(classifier), {
                 "model_source": config.model.source,
@@ -327,87 +335,153 @@ def fit(config: Config, backend: Backend) -> float:
                 "config": resolved,
                 "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
             })
+        # Every rank computed the same metric from the same gathered predictions, so all agree.
+        if improved:
+            progress.best_value, progress.best_step, best_predictions = value, step, (logits, gold)
+        tracker.log("eval", {"epoch": epoch, **metrics, "best": progress.best_value, "is_best": improved}, step)
+        log.info("eval epoch %d step %d: %s%s", epoch, step, _format(metrics), " (best)" if improved else "")
+        if backend.is_main_process:
+            tracking.append_per_class(run_dir, per_class_report(logits, gold, labels.problem_type, labels.names),
+                                      step)
         backend.wait_for_everyone()
         return metrics
 
+    def save_state() -> None:
+        if not t.save_state:
+            return
+        extra = {"window_loss": window_loss.cpu(), "window_tokens": window_tokens.cpu()}
+        if best_predictions is not None:
+            extra.update(best_logits=torch.from_numpy(best_predictions[0]),
+                         best_labels=torch.from_numpy(best_predictions[1]))
+        resume.save(run_dir, backend, progress, classifier, optimizer, scheduler, extra, resolved)
+
     # --- Train --------------------------------------------------------------------------
-    global_step = 0
-    last_eval_step = -1
-    train_samples, train_tokens, train_seconds = 0, 0, 0.0
     window_loss = torch.zeros((), device=backend.device)
     window_tokens = torch.zeros((), device=backend.device, dtype=torch.long)
-    window_steps, window_samples, window_start = 0, 0, time.perf_counter()
-    bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True,
+    if state_folder is not None:
+        window_loss += parts["extra"]["window_loss"].to(backend.device)
+        window_tokens += parts["extra"]["window_tokens"].to(backend.device)
+        # Last, so the resumed run draws the same dropout masks as the uninterrupted one.
+        checkpoint.restore_rng(parts["rng"])
+    window_start = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=progress.global_step, desc="train", dynamic_ncols=True,
                disable=not (t.progress and backend.is_main_process),
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     model.train()
-    for epoch in range(t.epochs):
-        shuffler.set_epoch(epoch)
-        for micro_batches in micro_batch_groups(train_dl, t.grad_accum_steps):
-            micro_batches = [backend.to_device(b) for b in micro_batches]
-            step_loss = forward_backward(model, classifier, backend, micro_batches)
-            grad_norm = (
-                backend.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            window_loss += step_loss
-            window_tokens += sum(b["attention_mask"].sum() for b in micro_batches)
-            window_samples += sum(b["labels"].shape[0] for b in micro_batches)
-            window_steps += 1
-            bar.update(1)
-
-            if global_step % t.log_every == 0 or global_step == total_steps:
-                # A CPU-GPU sync point: only every log_every steps. Figures are over all processes.
-                elapsed = time.perf_counter() - window_start
-                mean_loss = float(backend.reduce_sum(window_loss) / backend.num_processes / window_steps)
-                samples = int(backend.reduce_sum(torch.tensor(window_samples, device=backend.device)))
-                tokens = int(backend.reduce_sum(window_tokens))
-                record = {
-                    "epoch": epoch,
-                    "loss": mean_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "samples_per_s": samples / max(elapsed, 1e-9),
-                    "tokens_per_s": tokens / max(elapsed, 1e-9),
-                }
-                tracker.log("train", record, global_step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}",
-                                samples_s=f"{record['samples_per_s']:.1f}")
-                train_samples, train_tokens, train_seconds = (
-                    train_samples + samples, train_tokens + tokens, train_seconds + elapsed
+    with resume.StopSignal() as stop:
+        while progress.epoch < t.epochs and progress.global_step < total_steps:
+            epoch = progress.epoch
+            shuffler.set_epoch(epoch)
+            skip = progress.step_in_epoch * t.grad_accum_steps  # micro-batches this process already did
+            epoch_loader = backend.skip_first_batches(train_dl, skip) if skip else train_dl
+            for micro_batches in micro_batch_groups(epoch_loader, t.grad_accum_steps):
+                micro_batches = [backend.to_device(b) for b in micro_batches]
+                step_loss = forward_backward(model, classifier, backend, micro_batches)
+                grad_norm = backend.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+                # One decision on every rank: the gradients are all-reduced, the losses are not.
+                finite = bool(torch.isfinite(step_loss)) and (
+                    bool(torch.isfinite(grad_norm)) or t.mixed_precision == MixedPrecision.fp16
                 )
-                window_loss.zero_()
-                window_tokens.zero_()
-                window_steps, window_samples = 0, 0
+                if backend.any_process(not finite):
+                    optimizer.zero_grad(set_to_none=True)
+                    progress.nonfinite_steps += 1
+                    message = (f"non-finite loss or gradient at step {progress.global_step + 1} "
+                               f"(loss {float(step_loss):.4g}, grad norm {float(grad_norm):.4g})")
+                    if t.on_nonfinite == NonFinite.stop or progress.nonfinite_steps > t.max_nonfinite:
+                        raise EngineError(f"{message}; stopping (trainer.on_nonfinite={t.on_nonfinite.value}, "
+                                          f"{progress.nonfinite_steps} non-finite steps, "
+                                          f"trainer.max_nonfinite={t.max_nonfinite}); nothing non-finite was saved")
+                    log.warning("%s: step skipped (%d so far)", message, progress.nonfinite_steps)
+                    continue
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.global_step += 1
+                progress.step_in_epoch += 1
+                step = progress.global_step
+                window_loss += step_loss
+                window_tokens += sum(b["attention_mask"].sum() for b in micro_batches)
+                progress.window_samples += sum(b["labels"].shape[0] for b in micro_batches)
+                progress.window_steps += 1
+                bar.update(1)
 
-            if t.eval_every and global_step % t.eval_every == 0:
-                evaluate_and_keep_best(epoch, global_step)
-                last_eval_step = global_step
-            # Evaluation time is not training time.
-            window_start = time.perf_counter() if window_steps == 0 else window_start
-            if global_step >= total_steps:
-                break
-        if t.eval_every == 0 and last_eval_step != global_step:
-            evaluate_and_keep_best(epoch, global_step)
-            last_eval_step = global_step
+                if step % t.log_every == 0 or step == total_steps:
+                    # A CPU-GPU sync point: only every log_every steps. Figures are over all processes.
+                    elapsed = time.perf_counter() - window_start
+                    mean_loss = float(backend.reduce_sum(window_loss) / backend.num_processes / progress.window_steps)
+                    samples = int(backend.reduce_sum(torch.tensor(progress.window_samples, device=backend.device)))
+                    tokens = int(backend.reduce_sum(window_tokens))
+                    record = {
+                        "epoch": epoch,
+                        "loss": mean_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if t.max_grad_norm else None,
+                        "samples_per_s": samples / max(elapsed, 1e-9),
+                        "tokens_per_s": tokens / max(elapsed, 1e-9),
+                    }
+                    tracker.log("train", record, step)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                    samples_s=f"{record['samples_per_s']:.1f}")
+                    progress.train_samples += samples
+                    progress.train_tokens += tokens
+                    progress.train_seconds += elapsed
+                    window_loss.zero_()
+                    window_tokens.zero_()
+                    progress.window_steps, progress.window_samples = 0, 0
+                    window_start = time.perf_counter()
+
+                if t.eval_every and step % t.eval_every == 0:
+                    evaluate_and_keep_best(epoch, step)
+                    progress.last_eval_step = step
+                end_of_epoch = progress.step_in_epoch * t.grad_accum_steps >= len(train_dl)
+                stopping = backend.any_process(stop.received is not None)
+                if stopping or (t.save_every and step % t.save_every == 0 and not end_of_epoch):
+                    save_state()
+                if stopping:
+                    log.warning("stopped at step %d; continue with resume=%s", step, run_dir)
+                    raise SystemExit(stop.exit_code or 143)
+                if step >= total_steps:
+                    break
+                window_start = time.perf_counter() if progress.window_steps == 0 else window_start
+            # End of the epoch (or of max_steps): evaluate, then save a state that starts the next one.
+            if t.eval_every == 0 and progress.last_eval_step != progress.global_step:
+                evaluate_and_keep_best(epoch, progress.global_step)
+                progress.last_eval_step = progress.global_step
+            if progress.global_step < total_steps:
+                progress.epoch, progress.step_in_epoch = epoch + 1, 0
+            save_state()
             window_start = time.perf_counter()
-        if global_step >= total_steps:
-            break
     bar.close()
-    if last_eval_step != global_step:
-        evaluate_and_keep_best(epoch, global_step)
+    if progress.last_eval_step != progress.global_step:
+        evaluate_and_keep_best(progress.epoch, progress.global_step)
+    best_value, best_step, global_step = progress.best_value, progress.best_step, progress.global_step
+    train_samples, train_tokens, train_seconds = progress.train_samples, progress.train_tokens, progress.train_seconds
 
-    # --- The test split with the best weights -------------------------------------------
+    # --- Multi-label: decision thresholds tuned on dev with the best checkpoint ----------
+    thresholds = None
+    if labels.problem_type == ProblemType.multi_label_classification and best_predictions is not None:
+        logits, gold = best_predictions
+        thresholds = tune_thresholds(sigmoid(logits), gold)
+        tuned = compute_metrics(logits, gold, labels.problem_type, threshold=thresholds["per_label"])
+        log.info("dev with thresholds tuned per label: %s (global threshold %.2f)", _format(tuned),
+                 thresholds["global"])
+        if backend.is_main_process:
+            info = checkpoint.load_info(run_dir / checkpoint.BEST_INFO)
+            info.update(thresholds=thresholds, metrics_tuned_thresholds=tuned)
+            checkpoint.atomic_write_json(run_dir / checkpoint.BEST_INFO, info)
+
+    # --- The test split with the best weights (and the tuned thresholds) ----------------
     test_metrics: dict[str, float] | None = None
     if t.evaluate_test and data.test is not None and best_value is not None:
         best_weights = checkpoint.load_weights(run_dir / checkpoint.BEST_WEIGHTS) if backend.is_main_process else None
         best_weights = backend.broadcast_object(best_weights)
         classifier.hf_model.load_state_dict(best_weights)
         test_loader = backend.prepare(eval_loader(data.test, t.eval_batch_size, collator))[0]
-        test_metrics, _, _ = evaluate(model, test_loader, backend, labels.problem_type, t.progress)
+        test_metrics, test_logits, test_gold = evaluate(model, test_loader, backend, labels.problem_type,
+                                                        t.progress)
+        if thresholds is not None:
+            tuned = compute_metrics(test_logits, test_gold, labels.problem_type, threshold=thresholds["per_label"])
+            test_metrics.update({f"{k}_tuned": v for k, v in tuned.items()})
         tracker.log("test", test_metrics, global_step)
         if backend.is_main_process:
             checkpoint.atomic_write_json(run_dir / "test_metrics.json", test_metrics)

@@ -86,3 +86,30 @@ def confusion(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> np.nda
     from sklearn.metrics import confusion_matrix
 
     return confusion_matrix(labels, logits.argmax(axis=-1), labels=list(range(num_labels)))
+
+
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
+
+
+def tune_thresholds(
+    probabilities: np.ndarray, labels: np.ndarray, grid: np.ndarray = THRESHOLD_GRID
+) -> dict[str, float | list[float]]:
+    """Decision thresholds for multi-label predictions, chosen on the dev split (never on test).
+
+    ``global``: the one threshold that maximises micro-F1; ``per_label``: for each label the
+    threshold that maximises that label's F1 (the global one where the label has no positives).
+    Ties go to the lowest threshold.
+    """
+    truth = labels.astype(bool)
+    predicted = probabilities[None, :, :] >= grid[:, None, None]  # (grid, rows, labels)
+    tp = (predicted & truth[None]).sum(axis=1).astype(np.float64)
+    fp = (predicted & ~truth[None]).sum(axis=1)
+    fn = (~predicted & truth[None]).sum(axis=1)
+    micro = 2 * tp.sum(axis=1) / np.maximum(2 * tp.sum(axis=1) + fp.sum(axis=1) + fn.sum(axis=1), 1)
+    best_global = float(grid[int(np.argmax(micro))])
+    per_label_f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+    per_label = [
+        float(grid[int(np.argmax(per_label_f1[:, j]))]) if truth[:, j].any() else best_global
+        for j in range(truth.shape[1])
+    ]
+    return {"global": best_global, "per_label": per_label}

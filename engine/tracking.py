@@ -95,10 +95,11 @@ class JsonlLogger:
 class TensorBoardLogger:
     """Scalars under ``<run dir>/tensorboard``, named ``<split>/<metric>``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, resume_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(folder))
+        purge = resume_step + 1 if resume_step is not None else None
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for key, value in metrics.items():
@@ -139,7 +140,13 @@ class Tracker:
     """
 
     def __init__(
-        self, run_dir: Path, loggers: list[str], enabled: bool, config: dict[str, Any], project: str = "engine"
+        self,
+        run_dir: Path,
+        loggers: list[str],
+        enabled: bool,
+        config: dict[str, Any],
+        project: str = "engine",
+        resume_step: int | None = None,
     ) -> None:
         unknown = [name for name in loggers if name not in LOGGERS]
         if unknown:
@@ -149,10 +156,19 @@ class Tracker:
         self.scalars: list[Any] = []
         if not enabled:
             return
+        if resume_step is not None:
+            # Lines written after the state was saved are written again by the resumed run.
+            for name in (TRAIN_METRICS, EVAL_METRICS):
+                keep = [r for r in read_jsonl(run_dir / name) if r.get("step", 0) <= resume_step]
+                (run_dir / name).write_text("".join(json.dumps(r) + "\n" for r in keep))
+            per_class = run_dir / PER_CLASS
+            if per_class.is_file():
+                lines = per_class.read_text().splitlines(keepends=True)
+                per_class.write_text("".join(lines[:1] + [x for x in lines[1:] if int(x.split(",", 1)[0]) <= resume_step]))
         if "jsonl" in loggers:
             self.streams = {"train": JsonlLogger(run_dir / TRAIN_METRICS), "eval": JsonlLogger(run_dir / EVAL_METRICS)}
         if "tensorboard" in loggers:
-            self.scalars.append(TensorBoardLogger(run_dir / "tensorboard"))
+            self.scalars.append(TensorBoardLogger(run_dir / "tensorboard", resume_step))
         if "wandb" in loggers:
             self.scalars.append(WandbLogger(run_dir, project, config))
 

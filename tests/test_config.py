@@ -17,7 +17,8 @@ GROUPS = {
     name: sorted(p.stem for p in (Path(CONFIG_DIR) / name).glob("*.yaml"))
     for name in ("model", "data", "optim", "trainer", "loss", "backend")
 }
-NEEDS = {"data=csv": ["data.train_file=a.csv", "data.validation_file=b.csv", "data.text_column=text"]}
+_FILES = ["data.train_file=a.csv", "data.validation_file=b.csv", "data.text_column=text"]
+NEEDS = {"data=csv": _FILES, "data=local": _FILES}
 
 
 def _compose(*overrides: str):

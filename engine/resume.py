@@ -1,0 +1,167 @@
+"""Resuming and interrupting a run: what a state holds, when it fits, and the stop signal.
+
+The files themselves (atomic writes, the COMPLETE marker, safe loading) are
+``engine.checkpoint``'s; this module decides what goes into them and checks that a
+state fits the run that wants to continue from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import checkpoint
+from engine.checkpoint import CheckpointError
+
+log = logging.getLogger("engine.resume")
+
+# What a resumed run must share with the run that saved the state.
+MUST_MATCH = (
+    "model.source", "model.name", "model.pretrained", "model.config_overrides", "model.dropout",
+    "data.name", "data.subset", "data.train_file", "data.validation_file", "data.text_column",
+    "data.text_pair_column", "data.label_column", "data.label_names", "data.problem_type", "data.max_length",
+    "data.max_train_samples", "data.group_by_length",
+    "trainer.batch_size", "trainer.grad_accum_steps", "trainer.epochs", "trainer.max_steps",
+    "trainer.mixed_precision", "optim.lr", "optim.warmup_ratio", "optim.scheduler", "seed",
+)
+
+
+@dataclass
+class Progress:
+    """Where the loop stands; everything else in a state is tensors."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps done in ``epoch``
+    global_step: int = 0
+    best_value: float | None = None
+    best_step: int = -1
+    last_eval_step: int = -1
+    nonfinite_steps: int = 0
+    window_steps: int = 0
+    window_samples: int = 0
+    train_samples: int = 0
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+
+
+def _get(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [
+        f"{key}: saved {_get(saved, key)!r}, now {_get(current, key)!r}"
+        for key in MUST_MATCH
+        if _get(saved, key) != _get(current, key)
+    ]
+
+
+def find_state(resume: str, run_dir: Path) -> Path | None:
+    """The state folder to continue from; ``None`` for ``auto`` with nothing saved yet."""
+    if resume == "auto":
+        folder, warnings = checkpoint.latest_state(run_dir)
+        for warning in warnings:
+            log.warning("%s", warning)
+        return folder
+    path = Path(resume)
+    if path.name.startswith("step_") or (path / checkpoint.COMPLETE).exists():
+        if not checkpoint.is_complete(path):
+            raise CheckpointError(f"{path}: the state is incomplete (no {checkpoint.COMPLETE} marker or files missing)")
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"resume={resume}: no such run directory or state folder")
+    folder, warnings = checkpoint.latest_state(path)
+    if folder is None:
+        raise CheckpointError(f"resume={resume}: no complete state under {path / checkpoint.STATE_DIR}"
+                              + (f" ({'; '.join(warnings)})" if warnings else ""))
+    for warning in warnings:
+        log.warning("%s", warning)
+    return folder
+
+
+def save(
+    run_dir: Path,
+    backend: Any,
+    progress: Progress,
+    classifier: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    extra_tensors: dict[str, Any],
+    config: dict[str, Any],
+) -> Path | None:
+    """Write a complete state for every rank; the previous state goes only once this one is complete."""
+    from engine.model import plain_state_dict
+
+    folder = checkpoint.begin_state(run_dir, progress.global_step) if backend.is_main_process else None
+    folder = Path(backend.broadcast_object(str(folder) if folder else None))
+    backend.wait_for_everyone()
+    # Every rank's own generators: dropout differs per rank.
+    checkpoint.write_state_part(folder, f"rng_rank{backend.process_index}", checkpoint.capture_rng())
+    final = None
+    if backend.is_main_process:
+        checkpoint.write_state_part(folder, checkpoint.MODEL_KEY, plain_state_dict(classifier))
+        checkpoint.write_state_part(folder, checkpoint.OPTIMIZER_KEY, optimizer.state_dict())
+        checkpoint.write_state_part(folder, checkpoint.SCHEDULER_KEY, scheduler.state_dict())
+        checkpoint.write_state_part(folder, "extra", extra_tensors)
+    backend.wait_for_everyone()
+    if backend.is_main_process:
+        final = checkpoint.commit_state(folder, progress.global_step, {
+            "progress": asdict(progress), "world_size": backend.num_processes, "config": config,
+        })
+    backend.wait_for_everyone()
+    return final
+
+
+def load(folder: Path, backend: Any, config: dict[str, Any]) -> tuple[Progress, dict[str, Any]]:
+    """Read a state and refuse it when the run differs in what matters."""
+    meta = checkpoint.load_info(folder / checkpoint.PROGRESS_FILE)
+    differences = config_differences(meta.get("config", {}), config)
+    if meta.get("world_size") != backend.num_processes:
+        differences.append(f"world size: saved {meta.get('world_size')}, now {backend.num_processes}")
+    if differences:
+        raise CheckpointError(f"cannot resume from {folder}: the run differs in\n  " + "\n  ".join(differences))
+    parts = {
+        name: checkpoint.load_state_part(folder, name)
+        for name in (checkpoint.MODEL_KEY, checkpoint.OPTIMIZER_KEY, checkpoint.SCHEDULER_KEY, "extra")
+    }
+    parts["rng"] = checkpoint.load_state_part(folder, f"rng_rank{backend.process_index}")
+    return Progress(**meta["progress"]), parts
+
+
+class StopSignal:
+    """SIGTERM / SIGINT ask the loop to save and stop at the next step boundary; a second signal waits."""
+
+    CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            log.warning("received %s: saving a resumable state at the end of this step", signal.Signals(signum).name)
+        self.received = self.received or signum
+
+    def __enter__(self) -> StopSignal:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.CODES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def exit_code(self) -> int:
+        return self.CODES.get(self.received, 1) if self.received else 0
