@@ -301,6 +301,12 @@ def read_raw_splits(data: DataConfig, want: Sequence[str]) -> dict[str, RawSplit
             frame = frame.iloc[:limit]
         texts = frame[data.text_column].astype(str).tolist()
         pairs = frame[data.text_pair_column].astype(str).tolist() if data.text_pair_column else None
+        for column, values in ((data.text_column, texts), (data.text_pair_column, pairs)):
+            empty = [row for row, text in enumerate(values or []) if not text.strip() or text == "nan"]
+            if empty:
+                rows = ", ".join(str(r + 1) for r in empty[:10])
+                raise DataError(f"{source}: {len(empty)} rows with empty text in column {column!r} "
+                                f"(data rows {rows}{' ...' if len(empty) > 10 else ''})")
         splits[split] = RawSplit(split, source, texts, pairs, frame[data.label_column].tolist())
     return splits
 

@@ -48,7 +48,17 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_run_dir(cfg: Config, backend: Backend) -> Path:
-    """Rank 0 decides the run directory; every other rank follows it."""
+    """Rank 0 decides the run directory; every other rank follows it.
+
+    ``resume=<run dir>`` continues in that run directory (its files go on growing there).
+    """
+    if cfg.resume not in (None, "auto"):
+        named = Path(cfg.resume)
+        if named.name.startswith("step_") and named.parent.name == checkpoint.STATE_DIR:
+            named = named.parent.parent
+        if backend.is_main_process:
+            log.info("resume=%s: continuing in %s", cfg.resume, named)
+        return named
     own: str | None = cfg.output_dir
     if own is None:
         try:
@@ -243,6 +253,9 @@ def fit(config: Config, backend: Backend) -> float:
     seed_everything(config.seed)
     if not t.do_train:
         return evaluate_checkpoint(config, backend, run_dir)
+    state_folder = resume.find_state(config.resume, run_dir) if config.resume else None
+    if state_folder is not None:
+        resume.check(state_folder, backend, resolved)
 
     # --- Data: read, map labels, tokenize (rank 0 fills the cache first) ---------------
     tokenizer = load_tokenizer(config.model)
@@ -291,7 +304,6 @@ def fit(config: Config, backend: Backend) -> float:
     # --- Resume: a saved state replaces the fresh weights, optimizer and schedule -------
     progress = Progress()
     best_predictions: tuple[np.ndarray, np.ndarray] | None = None
-    state_folder = resume.find_state(config.resume, run_dir) if config.resume else None
     if state_folder is not None:
         progress, parts = resume.load(state_folder, backend, resolved)
         checkpoint.check_state_dict(classifier.hf_model, parts[checkpoint.MODEL_KEY], state_folder)

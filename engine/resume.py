@@ -120,14 +120,20 @@ def save(
     return final
 
 
-def load(folder: Path, backend: Any, config: dict[str, Any]) -> tuple[Progress, dict[str, Any]]:
-    """Read a state and refuse it when the run differs in what matters."""
+def check(folder: Path, backend: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a state whose run differs in what matters (before any work or any write)."""
     meta = checkpoint.load_info(folder / checkpoint.PROGRESS_FILE)
     differences = config_differences(meta.get("config", {}), config)
     if meta.get("world_size") != backend.num_processes:
         differences.append(f"world size: saved {meta.get('world_size')}, now {backend.num_processes}")
     if differences:
         raise CheckpointError(f"cannot resume from {folder}: the run differs in\n  " + "\n  ".join(differences))
+    return meta
+
+
+def load(folder: Path, backend: Any, config: dict[str, Any]) -> tuple[Progress, dict[str, Any]]:
+    """Read a state, refusing it when the run differs in what matters."""
+    meta = check(folder, backend, config)
     parts = {
         name: checkpoint.load_state_part(folder, name)
         for name in (checkpoint.MODEL_KEY, checkpoint.OPTIMIZER_KEY, checkpoint.SCHEDULER_KEY, "extra")
