@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint format clean
+.PHONY: install run test test-fast lint format bench bench-full clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,13 +28,19 @@ test: install
 test-fast: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+bench: install
+	$(BIN)/python benchmarks/bench.py --mode short $(ARGS)
+
+bench-full: install
+	$(BIN)/python benchmarks/bench.py --mode full $(ARGS)
+
 lint: install
-	$(BIN)/ruff check engine tests train.py
-	$(BIN)/ruff format --check engine tests train.py
+	$(BIN)/ruff check engine tests train.py predict.py benchmarks hydra_plugins
+	$(BIN)/ruff format --check engine tests train.py predict.py benchmarks hydra_plugins
 
 format: install
-	$(BIN)/ruff check --fix engine tests train.py
-	$(BIN)/ruff format engine tests train.py
+	$(BIN)/ruff check --fix engine tests train.py predict.py benchmarks hydra_plugins
+	$(BIN)/ruff format engine tests train.py predict.py benchmarks hydra_plugins
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

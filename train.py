@@ -4,13 +4,13 @@ import hydra
 from omegaconf import DictConfig
 
 import engine.config  # noqa: F401  (registers the typed schema and resolvers with Hydra)
-from engine.loop import train, user_errors
+from engine.loop import train
+from engine.sweep import hydra_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    with user_errors():
-        return train(cfg)
+    return hydra_job(train, cfg)
 
 
 if __name__ == "__main__":

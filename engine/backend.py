@@ -79,9 +79,7 @@ class ManualBackend:
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.mixed_precision = MixedPrecision(mixed_precision)
         self._dtype = _autocast_dtype(self.mixed_precision)
-        self._scaler = (
-            torch.amp.GradScaler(self.device.type) if self.mixed_precision == MixedPrecision.fp16 else None
-        )
+        self._scaler = torch.amp.GradScaler(self.device.type) if self.mixed_precision == MixedPrecision.fp16 else None
         self._optimizers: list[_ScaledOptimizer] = []
 
     def prepare(self, *objects: Any) -> tuple[Any, ...]:

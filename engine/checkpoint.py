@@ -167,8 +167,13 @@ def capture_rng() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -184,8 +189,9 @@ def restore_rng(state: dict[str, Any]) -> None:
     python = state["python"]
     random.setstate((python["version"], tuple(int(v) for v in python["internal"].tolist()), python["gauss"]))
     numpy = state["numpy"]
-    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype("uint32"), numpy["position"],
-                         numpy["has_gauss"], numpy["cached"]))
+    np.random.set_state(
+        (numpy["kind"], numpy["keys"].numpy().astype("uint32"), numpy["position"], numpy["has_gauss"], numpy["cached"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

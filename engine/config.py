@@ -200,9 +200,21 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = str(PROJECT_ROOT / "conf")
 
 
+def job_dirname(overrides: str) -> str:
+    """A sweep job's folder name from its overrides: no path separators, at most ~180 characters."""
+    import hashlib
+
+    safe = overrides.replace("/", "_").replace("\\", "_") or "defaults"
+    if len(safe) > 180:
+        safe = f"{safe[:160]}-{hashlib.sha1(overrides.encode()).hexdigest()[:12]}"
+    return safe
+
+
 def register_configs() -> None:
     if not OmegaConf.has_resolver("bundled_minilm"):
         OmegaConf.register_new_resolver("bundled_minilm", bundled_minilm_path)
+    if not OmegaConf.has_resolver("job_dirname"):
+        OmegaConf.register_new_resolver("job_dirname", job_dirname)
     if not OmegaConf.has_resolver("engine_root"):
         # The checkout's root, so the bundled data configs work from any working directory.
         OmegaConf.register_new_resolver("engine_root", lambda: str(PROJECT_ROOT))
@@ -274,9 +286,7 @@ def validate(cfg: DictConfig) -> Config:
         f"model.dropout must be in [0, 1) or null, got {typed.model.dropout}",
     )
     check(d.max_length >= 8, f"data.max_length must be >= 8, got {d.max_length}")
-    check(
-        d.quoting in ("minimal", "none"), f"data.quoting must be 'minimal' or 'none', got {d.quoting!r}"
-    )
+    check(d.quoting in ("minimal", "none"), f"data.quoting must be 'minimal' or 'none', got {d.quoting!r}")
     check(
         d.format is None or d.format in ("csv", "tsv", "json", "jsonl", "parquet"),
         f"data.format must be one of csv, tsv, json, jsonl, parquet or null, got {d.format!r}",

@@ -234,8 +234,10 @@ def encode_labels(
         parts = []
         for kind, examples in bad.items():
             count = sum(len(rows) for rows in examples.values())
-            shown = ", ".join(f"{value!r} ({len(rows)}x, first at data row {rows[0] + 1})"
-                              for value, rows in list(examples.items())[:5])
+            shown = ", ".join(
+                f"{value!r} ({len(rows)}x, first at data row {rows[0] + 1})"
+                for value, rows in list(examples.items())[:5]
+            )
             parts.append(f"{count} with {kind}: {shown}")
         raise DataError(
             f"{where}: {total} bad labels in column {column!r}; the {space.num_labels} labels are "
@@ -305,8 +307,10 @@ def read_raw_splits(data: DataConfig, want: Sequence[str]) -> dict[str, RawSplit
             empty = [row for row, text in enumerate(values or []) if not text.strip() or text == "nan"]
             if empty:
                 rows = ", ".join(str(r + 1) for r in empty[:10])
-                raise DataError(f"{source}: {len(empty)} rows with empty text in column {column!r} "
-                                f"(data rows {rows}{' ...' if len(empty) > 10 else ''})")
+                raise DataError(
+                    f"{source}: {len(empty)} rows with empty text in column {column!r} "
+                    f"(data rows {rows}{' ...' if len(empty) > 10 else ''})"
+                )
         splits[split] = RawSplit(split, source, texts, pairs, frame[data.label_column].tolist())
     return splits
 
@@ -493,8 +497,11 @@ def load_data(
     if with_train and "train" not in raw:
         raise DataError("no training split: set data.train_file (or data.name for a hub data set)")
     if "validation" not in raw:
-        raise DataError(f"no evaluation split: data.eval_split={data.eval_split!r} names no file (set data.{data.eval_split}_file)"
-                        if data.name is None else f"no evaluation split {data.eval_split!r} in {data.name!r}")
+        raise DataError(
+            f"no evaluation split: data.eval_split={data.eval_split!r} names no file (set data.{data.eval_split}_file)"
+            if data.name is None
+            else f"no evaluation split {data.eval_split!r} in {data.name!r}"
+        )
     if label_names is not None:
         space = LabelSpace(names=list(label_names), problem_type=data.problem_type)
     else:
@@ -508,8 +515,7 @@ def load_data(
     if "train" in encoded:
         _warn_labels_missing_from_train(encoded, space)
     tokenized = {name: tokenize_split(split, encoded[name], tokenizer, data) for name, split in raw.items()}
-    report = preflight(raw, encoded, {n: list(d["n_tokens"]) for n, d in tokenized.items()}, space,
-                       data.max_length)
+    report = preflight(raw, encoded, {n: list(d["n_tokens"]) for n, d in tokenized.items()}, space, data.max_length)
     tokenized = {name: d.remove_columns("n_tokens") for name, d in tokenized.items()}
     return DataBundle(
         labels=space,
@@ -581,7 +587,8 @@ def format_preflight(report: dict[str, Any]) -> str:
             f"  {name}: {split['rows']} rows | labels {split['label_counts']} | imbalance "
             f"{ratio:.2f} | tokens p50 {tokens['p50']} p90 {tokens['p90']} p99 {tokens['p99']} max {tokens['max']}"
             f" | truncated at {report['max_length']}: {100 * split['truncated_share']:.1f}%"
-            if ratio is not None else f"  {name}: {split['rows']} rows"
+            if ratio is not None
+            else f"  {name}: {split['rows']} rows"
         )
     lines.append(f"  suggested max_length (p99 of train, to a multiple of 8): {report['suggested_max_length']}")
     if "duplicates_train_dev" in report:
@@ -609,8 +616,13 @@ def train_loader(
         shuffler = EpochShuffleSampler(len(dataset), seed)
         batches = BatchSampler(shuffler, batch_size=batch_size, drop_last=False)
     # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collator,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return loader, shuffler
 
 

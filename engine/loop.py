@@ -28,8 +28,8 @@ from engine.config import Config, MixedPrecision, NonFinite, OptimConfig, Proble
 from engine.data import eval_loader, format_preflight, load_data, make_collator, train_loader
 from engine.errors import EngineError
 from engine.metrics import compute_metrics, confusion, per_class_report, sigmoid, tune_thresholds
-from engine.resume import Progress
 from engine.model import build_model, load_tokenizer, plain_state_dict, resolve_class_weights
+from engine.resume import Progress
 
 log = logging.getLogger("engine.loop")
 
@@ -163,6 +163,7 @@ def evaluate(
 
     classifier = backend.unwrap_model(model)
     model.eval()
+    started = time.perf_counter()
     all_logits, all_labels = [], []
     for batch in tqdm(loader, desc="eval", leave=False, disable=not (progress and backend.is_main_process)):
         batch = backend.to_device(batch)
@@ -176,6 +177,7 @@ def evaluate(
     logits_np, labels_np = logits.cpu().numpy(), labels.cpu().numpy()
     metrics = {"loss": float(loss), **compute_metrics(logits_np, labels_np, problem_type)}
     metrics["samples"] = int(labels_np.shape[0])
+    metrics["samples_per_s"] = metrics["samples"] / max(time.perf_counter() - started, 1e-9)
     model.train()
     return metrics, logits_np, labels_np
 
@@ -202,8 +204,12 @@ def evaluate_checkpoint(config: Config, backend: Backend, run_dir: Path) -> floa
     loader = eval_loader(data.eval, config.trainer.eval_batch_size, make_collator(tokenizer, config.data))
     model, loader = backend.prepare(ClassifierWithLoss(hf_model, problem_type), loader)
     metrics, _, _ = evaluate(model, loader, backend, problem_type, config.trainer.progress)
-    result = {"split": config.data.eval_split, "source": data.sources["validation"],
-              "checkpoint": str(weights_path), **metrics}
+    result = {
+        "split": config.data.eval_split,
+        "source": data.sources["validation"],
+        "checkpoint": str(weights_path),
+        **metrics,
+    }
     if backend.is_main_process:
         checkpoint.atomic_write_json(run_dir / "eval_metrics.json", result)
         eval_log = tracking.JsonlLogger(run_dir / tracking.EVAL_METRICS)
@@ -248,8 +254,13 @@ def fit(config: Config, backend: Backend) -> float:
     # --- Set-up: run dir, logs ---------------------------------------------------------
     run_dir = resolve_run_dir(config, backend)
     tracking.setup_logging(run_dir, backend.is_main_process)
-    log.info("run dir %s | backend %s | %d process(es) | device %s", run_dir, backend.name,
-             backend.num_processes, backend.device)
+    log.info(
+        "run dir %s | backend %s | %d process(es) | device %s",
+        run_dir,
+        backend.name,
+        backend.num_processes,
+        backend.device,
+    )
     seed_everything(config.seed)
     if not t.do_train:
         return evaluate_checkpoint(config, backend, run_dir)
@@ -260,9 +271,9 @@ def fit(config: Config, backend: Backend) -> float:
     # --- Data: read, map labels, tokenize (rank 0 fills the cache first) ---------------
     tokenizer = load_tokenizer(config.model)
     with backend.main_process_first():
-        data = load_data(config.data, tokenizer, with_train=t.do_train, with_test=t.evaluate_test)
+        data = load_data(config.data, tokenizer, with_train=True, with_test=t.evaluate_test)
     labels = data.labels
-    if t.do_train and len(data.train) < backend.num_processes:
+    if len(data.train) < backend.num_processes:
         raise EngineError(
             f"{data.sources['train']}: {len(data.train)} training rows for {backend.num_processes} processes"
         )
@@ -271,9 +282,8 @@ def fit(config: Config, backend: Backend) -> float:
         checkpoint.atomic_write_json(run_dir / "preflight.json", data.preflight)
 
     # --- Model with the weighted loss in its forward -----------------------------------
-    n_train = len(data.train) if data.train is not None else 0
     class_weights = resolve_class_weights(
-        config.loss.class_weights, data.train_label_counts, labels.problem_type, n_train
+        config.loss.class_weights, data.train_label_counts, labels.problem_type, len(data.train)
     )
     if class_weights is not None:
         log.info("class weights: %s", [round(w, 4) for w in class_weights])
@@ -315,8 +325,14 @@ def fit(config: Config, backend: Backend) -> float:
         log.info("resuming from %s: epoch %d, step %d", state_folder, progress.epoch, progress.global_step)
     elif config.resume == "auto":
         log.info("resume=auto: no saved state in %s, starting fresh", run_dir)
-    tracker = tracking.Tracker(run_dir, config.logger, backend.is_main_process, resolved, config.wandb_project,
-                               resume_step=progress.global_step if state_folder else None)
+    tracker = tracking.Tracker(
+        run_dir,
+        config.logger,
+        backend.is_main_process,
+        resolved,
+        config.wandb_project,
+        resume_step=progress.global_step if state_folder else None,
+    )
     sign = 1.0 if t.greater_is_better else -1.0
 
     def evaluate_and_keep_best(epoch: int, step: int) -> dict[str, float]:
@@ -331,30 +347,33 @@ def fit(config: Config, backend: Backend) -> float:
         # A non-finite metric, or non-finite weights (checked in save_best), never become "best".
         improved = math.isfinite(value) and (best is None or sign * (value - best) > 0)
         if improved and backend.is_main_process:
-            checkpoint.save_best(run_dir, plain_state_dict(classifier), {
-                "model_source": config.model.source,
-                "model_name": config.model.name,
-                "tokenizer": config.model.tokenizer or config.model.source,
-                "num_labels": labels.num_labels,
-                "id2label": {str(i): name for i, name in labels.id2label.items()},
-                "problem_type": labels.problem_type.value,
-                "metric_name": t.metric_for_best,
-                "metric_value": value,
-                "metrics": metrics,
-                "epoch": epoch,
-                "step": step,
-                "data_sources": data.sources,
-                "config": resolved,
-                "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
-            })
+            checkpoint.save_best(
+                run_dir,
+                plain_state_dict(classifier),
+                {
+                    "model_source": config.model.source,
+                    "model_name": config.model.name,
+                    "tokenizer": config.model.tokenizer or config.model.source,
+                    "num_labels": labels.num_labels,
+                    "id2label": {str(i): name for i, name in labels.id2label.items()},
+                    "problem_type": labels.problem_type.value,
+                    "metric_name": t.metric_for_best,
+                    "metric_value": value,
+                    "metrics": metrics,
+                    "epoch": epoch,
+                    "step": step,
+                    "data_sources": data.sources,
+                    "config": resolved,
+                    "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
+                },
+            )
         # Every rank computed the same metric from the same gathered predictions, so all agree.
         if improved:
             progress.best_value, progress.best_step, best_predictions = value, step, (logits, gold)
         tracker.log("eval", {"epoch": epoch, **metrics, "best": progress.best_value, "is_best": improved}, step)
         log.info("eval epoch %d step %d: %s%s", epoch, step, _format(metrics), " (best)" if improved else "")
         if backend.is_main_process:
-            tracking.append_per_class(run_dir, per_class_report(logits, gold, labels.problem_type, labels.names),
-                                      step)
+            tracking.append_per_class(run_dir, per_class_report(logits, gold, labels.problem_type, labels.names), step)
         backend.wait_for_everyone()
         return metrics
 
@@ -363,8 +382,9 @@ def fit(config: Config, backend: Backend) -> float:
             return
         extra = {"window_loss": window_loss.cpu(), "window_tokens": window_tokens.cpu()}
         if best_predictions is not None:
-            extra.update(best_logits=torch.from_numpy(best_predictions[0]),
-                         best_labels=torch.from_numpy(best_predictions[1]))
+            extra.update(
+                best_logits=torch.from_numpy(best_predictions[0]), best_labels=torch.from_numpy(best_predictions[1])
+            )
         resume.save(run_dir, backend, progress, classifier, optimizer, scheduler, extra, resolved)
 
     # --- Train --------------------------------------------------------------------------
@@ -376,9 +396,14 @@ def fit(config: Config, backend: Backend) -> float:
         # Last, so the resumed run draws the same dropout masks as the uninterrupted one.
         checkpoint.restore_rng(parts["rng"])
     window_start = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=progress.global_step, desc="train", dynamic_ncols=True,
-               disable=not (t.progress and backend.is_main_process),
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(
+        total=total_steps,
+        initial=progress.global_step,
+        desc="train",
+        dynamic_ncols=True,
+        disable=not (t.progress and backend.is_main_process),
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
     model.train()
     with resume.StopSignal() as stop:
         while progress.epoch < t.epochs and progress.global_step < total_steps:
@@ -397,12 +422,16 @@ def fit(config: Config, backend: Backend) -> float:
                 if backend.any_process(not finite):
                     optimizer.zero_grad(set_to_none=True)
                     progress.nonfinite_steps += 1
-                    message = (f"non-finite loss or gradient at step {progress.global_step + 1} "
-                               f"(loss {float(step_loss):.4g}, grad norm {float(grad_norm):.4g})")
+                    message = (
+                        f"non-finite loss or gradient at step {progress.global_step + 1} "
+                        f"(loss {float(step_loss):.4g}, grad norm {float(grad_norm):.4g})"
+                    )
                     if t.on_nonfinite == NonFinite.stop or progress.nonfinite_steps > t.max_nonfinite:
-                        raise EngineError(f"{message}; stopping (trainer.on_nonfinite={t.on_nonfinite.value}, "
-                                          f"{progress.nonfinite_steps} non-finite steps, "
-                                          f"trainer.max_nonfinite={t.max_nonfinite}); nothing non-finite was saved")
+                        raise EngineError(
+                            f"{message}; stopping (trainer.on_nonfinite={t.on_nonfinite.value}, "
+                            f"{progress.nonfinite_steps} non-finite steps, "
+                            f"trainer.max_nonfinite={t.max_nonfinite}); nothing non-finite was saved"
+                        )
                     log.warning("%s: step skipped (%d so far)", message, progress.nonfinite_steps)
                     continue
                 optimizer.step()
@@ -432,8 +461,9 @@ def fit(config: Config, backend: Backend) -> float:
                         "tokens_per_s": tokens / max(elapsed, 1e-9),
                     }
                     tracker.log("train", record, step)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}",
-                                    samples_s=f"{record['samples_per_s']:.1f}")
+                    bar.set_postfix(
+                        loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s']:.1f}"
+                    )
                     progress.train_samples += samples
                     progress.train_tokens += tokens
                     progress.train_seconds += elapsed
@@ -475,8 +505,9 @@ def fit(config: Config, backend: Backend) -> float:
         logits, gold = best_predictions
         thresholds = tune_thresholds(sigmoid(logits), gold)
         tuned = compute_metrics(logits, gold, labels.problem_type, threshold=thresholds["per_label"])
-        log.info("dev with thresholds tuned per label: %s (global threshold %.2f)", _format(tuned),
-                 thresholds["global"])
+        log.info(
+            "dev with thresholds tuned per label: %s (global threshold %.2f)", _format(tuned), thresholds["global"]
+        )
         if backend.is_main_process:
             info = checkpoint.load_info(run_dir / checkpoint.BEST_INFO)
             info.update(thresholds=thresholds, metrics_tuned_thresholds=tuned)
@@ -489,8 +520,7 @@ def fit(config: Config, backend: Backend) -> float:
         best_weights = backend.broadcast_object(best_weights)
         classifier.hf_model.load_state_dict(best_weights)
         test_loader = backend.prepare(eval_loader(data.test, t.eval_batch_size, collator))[0]
-        test_metrics, test_logits, test_gold = evaluate(model, test_loader, backend, labels.problem_type,
-                                                        t.progress)
+        test_metrics, test_logits, test_gold = evaluate(model, test_loader, backend, labels.problem_type, t.progress)
         if thresholds is not None:
             tuned = compute_metrics(test_logits, test_gold, labels.problem_type, threshold=thresholds["per_label"])
             test_metrics.update({f"{k}_tuned": v for k, v in tuned.items()})
@@ -510,12 +540,17 @@ def fit(config: Config, backend: Backend) -> float:
         if best_predictions is not None:
             logits, gold = best_predictions
             if labels.problem_type == ProblemType.single_label_classification:
-                plots.plot_confusion(confusion(logits, gold, labels.num_labels), labels.names,
-                                     run_dir / plots.CONFUSION)
+                plots.plot_confusion(
+                    confusion(logits, gold, labels.num_labels), labels.names, run_dir / plots.CONFUSION
+                )
             else:
                 report = per_class_report(logits, gold, labels.problem_type, labels.names)
-                plots.plot_per_label_f1([r["f1"] for r in report], [r["support"] for r in report], labels.names,
-                                        run_dir / plots.PER_LABEL_F1)
+                plots.plot_per_label_f1(
+                    [r["f1"] for r in report],
+                    [r["support"] for r in report],
+                    labels.names,
+                    run_dir / plots.PER_LABEL_F1,
+                )
         summary = {
             "best_metric": t.metric_for_best,
             "best_value": best_value,

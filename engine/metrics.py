@@ -70,9 +70,11 @@ def per_class_report(
     from sklearn.metrics import precision_recall_fscore_support
 
     predicted = predicted_labels(logits, problem_type, threshold)
-    kwargs = {} if ProblemType(problem_type) == ProblemType.multi_label_classification else {
-        "labels": list(range(len(names)))
-    }
+    kwargs = (
+        {}
+        if ProblemType(problem_type) == ProblemType.multi_label_classification
+        else {"labels": list(range(len(names)))}
+    )
     precision, recall, f1, support = precision_recall_fscore_support(
         labels.astype(np.int64), predicted, average=None, zero_division=0, **kwargs
     )

@@ -42,21 +42,30 @@ def plot_curves(run_dir: str | Path, metric: str | None = None) -> Path | None:
     )
     lines = []
     if steps:
-        lines += top.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="tab:blue",
-                          alpha=0.8, label="train loss")
+        lines += top.plot(
+            [r["step"] for r in steps], [r["loss"] for r in steps], color="tab:blue", alpha=0.8, label="train loss"
+        )
     if evals:
-        lines += top.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", color="tab:orange",
-                          label="dev loss")
+        lines += top.plot(
+            [r["step"] for r in evals], [r["loss"] for r in evals], "o-", color="tab:orange", label="dev loss"
+        )
     top.set_ylabel("loss")
     top.grid(alpha=0.3)
     if evals and metric in evals[0]:
         right = top.twinx()
-        lines += right.plot([r["step"] for r in evals], [r[metric] for r in evals], "s--", color="tab:green",
-                            label=f"dev {metric}")
+        lines += right.plot(
+            [r["step"] for r in evals], [r[metric] for r in evals], "s--", color="tab:green", label=f"dev {metric}"
+        )
         right.set_ylabel(f"dev {metric}")
     # Above the axes, in one row: never on top of the curves.
-    top.legend(lines, [line.get_label() for line in lines], loc="lower center", bbox_to_anchor=(0.5, 1.0),
-               ncol=len(lines), frameon=False)
+    top.legend(
+        lines,
+        [line.get_label() for line in lines],
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=len(lines),
+        frameon=False,
+    )
     figure.suptitle(f"Training curves: {run_dir}", fontsize=11)
     if steps:
         bottom.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:purple")
@@ -82,8 +91,15 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: str | Path, t
     figure.suptitle(title or "Confusion matrix (dev, best checkpoint)", fontsize=11)
     high = matrix.max() if matrix.size else 0
     for (row, col), value in np.ndenumerate(matrix):
-        axis.text(col, row, str(int(value)), ha="center", va="center",
-                  color="white" if value > high / 2 else "black", fontsize=9)
+        axis.text(
+            col,
+            row,
+            str(int(value)),
+            ha="center",
+            va="center",
+            color="white" if value > high / 2 else "black",
+            fontsize=9,
+        )
     figure.colorbar(image, ax=axis, shrink=0.8)
     figure.savefig(path, dpi=110)
     plt.close(figure)

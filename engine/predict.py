@@ -150,8 +150,8 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
     check_state_dict(model, state, weights_path)
     model.load_state_dict(state, strict=True)
     tokenizer = AutoTokenizer.from_pretrained(info.get("tokenizer") or info["model_source"])
-    resolved = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     return TextClassifier(model, tokenizer, info, resolved)
 
@@ -176,13 +176,16 @@ def predict_file(
     text_column = text_column or trained.get("text_column")
     text_pair_column = text_pair_column if text_pair_column is not None else trained.get("text_pair_column")
     input_file = Path(input_file)
-    frame = read_table(input_file, DataConfig(text_column=text_column or "text",
-                                              quoting=trained.get("quoting", "minimal")))
+    frame = read_table(
+        input_file, DataConfig(text_column=text_column or "text", quoting=trained.get("quoting", "minimal"))
+    )
     wanted = [c for c in (text_column, text_pair_column) if c]
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
-        raise DataError(f"{input_file}: no column {', '.join(map(repr, missing))}; it has {list(frame.columns)} "
-                        "(set text_column= / text_pair_column=)")
+        raise DataError(
+            f"{input_file}: no column {', '.join(map(repr, missing))}; it has {list(frame.columns)} "
+            "(set text_column= / text_pair_column=)"
+        )
     texts = frame[text_column].astype(str).tolist()
     pairs = frame[text_pair_column].astype(str).tolist() if text_pair_column else None
     probs = classifier.probabilities(classifier.logits(texts, pairs, batch_size, progress))
@@ -222,9 +225,16 @@ def predict_cli(cfg: Any) -> None:
             print(f"  {name}: {p:.4f}")
         did = True
     if config.input_file is not None:
-        output = predict_file(classifier, config.input_file, config.output_file, config.text_column,
-                              config.text_pair_column, config.batch_size, config.progress)
+        output = predict_file(
+            classifier,
+            config.input_file,
+            config.output_file,
+            config.text_column,
+            config.text_pair_column,
+            config.batch_size,
+            config.progress,
+        )
         print(f"predictions written to {output}")
         did = True
     if not did:
-        raise EngineError("nothing to do: give text=\"...\", input_file=<file> or export_dir=<folder>")
+        raise EngineError('nothing to do: give text="...", input_file=<file> or export_dir=<folder>')

@@ -22,12 +22,32 @@ log = logging.getLogger("engine.resume")
 
 # What a resumed run must share with the run that saved the state.
 MUST_MATCH = (
-    "model.source", "model.name", "model.pretrained", "model.config_overrides", "model.dropout",
-    "data.name", "data.subset", "data.train_file", "data.validation_file", "data.text_column",
-    "data.text_pair_column", "data.label_column", "data.label_names", "data.problem_type", "data.max_length",
-    "data.max_train_samples", "data.group_by_length",
-    "trainer.batch_size", "trainer.grad_accum_steps", "trainer.epochs", "trainer.max_steps",
-    "trainer.mixed_precision", "optim.lr", "optim.warmup_ratio", "optim.scheduler", "seed",
+    "model.source",
+    "model.name",
+    "model.pretrained",
+    "model.config_overrides",
+    "model.dropout",
+    "data.name",
+    "data.subset",
+    "data.train_file",
+    "data.validation_file",
+    "data.text_column",
+    "data.text_pair_column",
+    "data.label_column",
+    "data.label_names",
+    "data.problem_type",
+    "data.max_length",
+    "data.max_train_samples",
+    "data.group_by_length",
+    "trainer.batch_size",
+    "trainer.grad_accum_steps",
+    "trainer.epochs",
+    "trainer.max_steps",
+    "trainer.mixed_precision",
+    "optim.lr",
+    "optim.warmup_ratio",
+    "optim.scheduler",
+    "seed",
 )
 
 
@@ -80,8 +100,10 @@ def find_state(resume: str, run_dir: Path) -> Path | None:
         raise CheckpointError(f"resume={resume}: no such run directory or state folder")
     folder, warnings = checkpoint.latest_state(path)
     if folder is None:
-        raise CheckpointError(f"resume={resume}: no complete state under {path / checkpoint.STATE_DIR}"
-                              + (f" ({'; '.join(warnings)})" if warnings else ""))
+        raise CheckpointError(
+            f"resume={resume}: no complete state under {path / checkpoint.STATE_DIR}"
+            + (f" ({'; '.join(warnings)})" if warnings else "")
+        )
     for warning in warnings:
         log.warning("%s", warning)
     return folder
@@ -113,9 +135,15 @@ def save(
         checkpoint.write_state_part(folder, "extra", extra_tensors)
     backend.wait_for_everyone()
     if backend.is_main_process:
-        final = checkpoint.commit_state(folder, progress.global_step, {
-            "progress": asdict(progress), "world_size": backend.num_processes, "config": config,
-        })
+        final = checkpoint.commit_state(
+            folder,
+            progress.global_step,
+            {
+                "progress": asdict(progress),
+                "world_size": backend.num_processes,
+                "config": config,
+            },
+        )
     backend.wait_for_everyone()
     return final
 

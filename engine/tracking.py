@@ -118,7 +118,9 @@ class WandbLogger:
         try:
             import wandb
         except ImportError:
-            raise EngineError("logger includes wandb but the wandb package is not installed (pip install wandb)")
+            raise EngineError(
+                "logger includes wandb but the wandb package is not installed (pip install wandb)"
+            ) from None
         self.run = wandb.init(project=project, dir=str(run_dir), config=config, reinit=True)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -164,7 +166,9 @@ class Tracker:
             per_class = run_dir / PER_CLASS
             if per_class.is_file():
                 lines = per_class.read_text().splitlines(keepends=True)
-                per_class.write_text("".join(lines[:1] + [x for x in lines[1:] if int(x.split(",", 1)[0]) <= resume_step]))
+                per_class.write_text(
+                    "".join(lines[:1] + [x for x in lines[1:] if int(x.split(",", 1)[0]) <= resume_step])
+                )
         if "jsonl" in loggers:
             self.streams = {"train": JsonlLogger(run_dir / TRAIN_METRICS), "eval": JsonlLogger(run_dir / EVAL_METRICS)}
         if "tensorboard" in loggers:
@@ -218,8 +222,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         f" of {summary['steps']}",
     ]
     if summary.get("test"):
-        lines.append("  test (best checkpoint): " + " ".join(
-            f"{k}={v:.4f}" for k, v in summary["test"].items() if isinstance(v, float)))
+        lines.append(
+            "  test (best checkpoint): "
+            + " ".join(f"{k}={v:.4f}" for k, v in summary["test"].items() if isinstance(v, float))
+        )
     lines += [
         f"  wall time {summary['wall_seconds']:.1f} s | training {summary['train_samples_per_s']:.1f} samples/s, "
         f"{summary['train_tokens_per_s']:.0f} tokens/s on {summary['processes']} process(es)",

@@ -60,3 +60,37 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def accelerate_launch(port: int, processes: int = 2) -> list[str]:
+    """``accelerate launch`` for ``processes`` gloo processes on the CPU (the venv's launcher first)."""
+    import shutil
+
+    local = ROOT / ".venv" / "bin" / "accelerate"
+    launcher = str(local) if local.exists() else shutil.which("accelerate")
+    assert launcher, "accelerate's launcher is not installed"
+    return [
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]
+
+
+class PicklePayload:
+    """Unpickling this runs ``touch target``: what a malicious checkpoint would do."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 
 import pytest
 import torch
 
 from engine.backend import ManualBackend, choose_backend
-from engine.config import BackendConfig, BackendName, MixedPrecision, ProblemType
+from engine.config import BackendConfig, BackendName, MixedPrecision
 from engine.loop import forward_backward, train
-from tests.conftest import ROOT, TINY, subprocess_env
+from tests.conftest import ROOT, TINY, accelerate_launch, subprocess_env
 from tests.test_model import batch, tiny
 
 
@@ -59,7 +58,7 @@ def test_k_micro_batches_equal_one_k_times_batch(weights):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     whole = grads([data])
-    micro = grads([{k: v[i:i + 3] for k, v in data.items()} for i in range(0, 12, 3)])
+    micro = grads([{k: v[i : i + 3] for k, v in data.items()} for i in range(0, 12, 3)])
     assert whole.keys() == micro.keys()
     for name in whole:
         torch.testing.assert_close(micro[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -69,8 +68,15 @@ def test_accumulation_run_matches_bigger_batch_on_both_backends(make_cfg, tmp_pa
     """4 micro-batches of 2 step like one batch of 8: same schedule, same first-step loss."""
     common = (*TINY, "model.dropout=0.0", "data.group_by_length=false")
     train(make_cfg(*common, "trainer.batch_size=8", "backend=manual", output_dir=tmp_path / "big"))
-    train(make_cfg(*common, "trainer.batch_size=2", "trainer.grad_accum_steps=4", "backend=accelerate",
-                   output_dir=tmp_path / "acc"))
+    train(
+        make_cfg(
+            *common,
+            "trainer.batch_size=2",
+            "trainer.grad_accum_steps=4",
+            "backend=accelerate",
+            output_dir=tmp_path / "acc",
+        )
+    )
     big, acc = _lines(tmp_path / "big" / "train_steps.jsonl"), _lines(tmp_path / "acc" / "train_steps.jsonl")
     assert len(big) == len(acc) == 8
     assert [s["loss"] for s in big] == pytest.approx([s["loss"] for s in acc], rel=1e-4)
@@ -89,14 +95,20 @@ def test_bf16_run_on_cpu_is_finite_and_close_to_fp32(make_cfg, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("dev_size", [7, 9])
 def test_two_gloo_processes_one_run_dir_every_dev_sample_once(tmp_path, dev_size):
-    launcher = shutil.which("accelerate", path=str(ROOT / ".venv" / "bin")) or shutil.which("accelerate")
-    assert launcher, "accelerate's launcher is not installed"
     result = subprocess.run(
-        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + dev_size),
-         str(ROOT / "train.py"), *[o for o in TINY if "progress" not in o], "trainer.progress=true",
-         f"data.max_eval_samples={dev_size}", f"data.cache_dir={tmp_path}/cache"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=tmp_path,
+        [
+            *accelerate_launch(29500 + dev_size),
+            str(ROOT / "train.py"),
+            *[o for o in TINY if "progress" not in o],
+            "trainer.progress=true",
+            f"data.max_eval_samples={dev_size}",
+            f"data.cache_dir={tmp_path}/cache",
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
@@ -114,5 +126,3 @@ def test_two_gloo_processes_one_run_dir_every_dev_sample_once(tmp_path, dev_size
     state = torch.load(run / "best_acc_classify.pth", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
     assert json.loads((run / "best_acc_classify.json").read_text())["metric_value"] == evals[0]["accuracy"]
-
-

@@ -26,9 +26,7 @@ def _compose(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-@pytest.mark.parametrize(
-    "override", [f"{group}={option}" for group, options in GROUPS.items() for option in options]
-)
+@pytest.mark.parametrize("override", [f"{group}={option}" for group, options in GROUPS.items() for option in options])
 def test_every_group_option_composes_and_validates(override):
     cfg = _compose(override, *NEEDS.get(override, []))
     typed = validate(cfg)
@@ -93,7 +91,10 @@ def test_cross_field_rules(override, message):
 def test_cli_bad_override_exits_fast_with_the_key(tmp_path):
     result = subprocess.run(
         [PYTHON, str(ROOT / "train.py"), "optim.lr=abc", f"hydra.run.dir={tmp_path}/run"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
     )
     assert result.returncode != 0
     assert "optim.lr" in result.stderr and "abc" in result.stderr
@@ -103,7 +104,10 @@ def test_cli_bad_override_exits_fast_with_the_key(tmp_path):
 def test_cli_rule_violation_is_one_clear_line(tmp_path):
     result = subprocess.run(
         [PYTHON, str(ROOT / "train.py"), "trainer.epochs=-1", f"hydra.run.dir={tmp_path}/run"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
     )
     assert result.returncode == 2
     assert "trainer.epochs must be >= 1, got -1" in result.stderr

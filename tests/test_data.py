@@ -55,7 +55,7 @@ def test_mrpc_row_and_label_counts():
     ids = encode_labels(raw["train"].labels, space, "train")
     assert ids.count(1) == 2473 and ids.count(0) == 1194
     # Quoting off: a sentence with quotes stays whole (first row of train carries " the witness ").
-    assert raw["train"].texts[0].startswith("Amrozi accused his brother , whom he called \" the witness \"")
+    assert raw["train"].texts[0].startswith('Amrozi accused his brother , whom he called " the witness "')
 
 
 def test_tokenized_pairs_and_cache(tokenizer, tmp_path):
@@ -65,8 +65,10 @@ def test_tokenized_pairs_and_cache(tokenizer, tmp_path):
     row = bundle.train[0]
     assert set(row) >= {"input_ids", "attention_mask", "token_type_ids", "labels"}
     assert 1 in row["token_type_ids"]  # the pair's second sentence
-    assert bundle.train_label_counts == [sum(1 for r in bundle.train["labels"] if r == 0),
-                                         sum(1 for r in bundle.train["labels"] if r == 1)]
+    assert bundle.train_label_counts == [
+        sum(1 for r in bundle.train["labels"] if r == 0),
+        sum(1 for r in bundle.train["labels"] if r == 1),
+    ]
     cached = sorted(p.name for p in tmp_path.glob("*.arrow"))
     assert len(cached) == 2
     load_data(config, tokenizer)  # second time: read back from the cache, nothing new written
@@ -74,8 +76,9 @@ def test_tokenized_pairs_and_cache(tokenizer, tmp_path):
 
 
 def test_truncation_at_max_length(tokenizer, tmp_path):
-    bundle = load_data(mrpc_config(max_length=16, max_train_samples=30, max_eval_samples=5,
-                                   cache_dir=str(tmp_path)), tokenizer)
+    bundle = load_data(
+        mrpc_config(max_length=16, max_train_samples=30, max_eval_samples=5, cache_dir=str(tmp_path)), tokenizer
+    )
     assert max(len(ids) for ids in bundle.train["input_ids"]) == 16
 
 
@@ -106,8 +109,9 @@ ROWS = [
 def test_each_local_format_with_string_labels(fmt, tokenizer, tmp_path):
     train = _write(tmp_path / f"train.{fmt}", ROWS, fmt)
     dev = _write(tmp_path / f"dev.{fmt}", ROWS[:2], fmt)
-    config = DataConfig(train_file=str(train), validation_file=str(dev), text_column="text",
-                        cache_dir=str(tmp_path / "cache"))
+    config = DataConfig(
+        train_file=str(train), validation_file=str(dev), text_column="text", cache_dir=str(tmp_path / "cache")
+    )
     bundle = load_data(config, tokenizer)
     assert bundle.labels.names == ["neg", "neutral", "pos"]  # sorted, ids saved as id2label
     assert list(bundle.train["labels"]) == [2, 0, 2, 1]
@@ -137,7 +141,9 @@ def test_unknown_label_in_dev_is_named(tokenizer, tmp_path):
     train = _write(tmp_path / "train.csv", ROWS, "csv")
     dev = _write(tmp_path / "dev.csv", [{"text": "x", "label": "angry"}], "csv")
     config = DataConfig(train_file=str(train), validation_file=str(dev), text_column="text")
-    with pytest.raises(DataError, match=r"(?s)dev.csv: 1 bad labels in column 'label'; the 3 labels are.*unknown label names: 'angry'"):
+    with pytest.raises(
+        DataError, match=r"(?s)dev.csv: 1 bad labels in column 'label'; the 3 labels are.*unknown label names: 'angry'"
+    ):
         load_data(config, tokenizer)
 
 

@@ -21,8 +21,13 @@ TINY = ModelConfig(
     name="tiny",
     source=bundled_minilm_path(),
     pretrained=False,
-    config_overrides={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "intermediate_size": 64, "max_position_embeddings": 128},
+    config_overrides={
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 128,
+    },
 )
 
 

@@ -16,7 +16,7 @@ from engine.checkpoint import CheckpointError
 from engine.config import CONFIG_DIR
 from engine.loop import train
 from engine.predict import load_classifier, predict_file
-from tests.conftest import PYTHON, ROOT, TINY, subprocess_env
+from tests.conftest import PYTHON, ROOT, TINY, PicklePayload, subprocess_env
 
 DEV = ROOT / "data" / "mrpc" / "dev.tsv"
 
@@ -25,8 +25,10 @@ DEV = ROOT / "data" / "mrpc" / "dev.tsv"
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("trained")
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose(config_name="config", overrides=[*TINY, "trainer.epochs=2", f"output_dir={run}",
-                                                       f"data.cache_dir={run}/cache"])
+        cfg = compose(
+            config_name="config",
+            overrides=[*TINY, "trainer.epochs=2", f"output_dir={run}", f"data.cache_dir={run}/cache"],
+        )
     train(cfg)
     return run
 
@@ -77,23 +79,38 @@ def test_file_to_file_prediction_keeps_order_and_count(run_dir, tmp_path):
     assert len(predicted) == 23
     expected = classifier.predict(list(zip(dev["#1 String"], dev["#2 String"], strict=True)), batch_size=1)
     assert predicted["label"].tolist() == [p.label for p in expected]
-    np.testing.assert_allclose(predicted["prob_equivalent"], [p.probabilities["equivalent"] for p in expected],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        predicted["prob_equivalent"], [p.probabilities["equivalent"] for p in expected], atol=1e-5
+    )
 
 
 def test_predict_cli_text_and_file(run_dir, tmp_path):
     result = subprocess.run(
         [PYTHON, str(ROOT / "predict.py"), f"checkpoint={run_dir}", "text=The cat sat .", "text_pair=A cat sat ."],
-        capture_output=True, text=True, env=subprocess_env(), timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("label: ") and "not_equivalent: 0." in result.stdout
     assert not list(tmp_path.glob("outputs"))  # prediction makes no run directory
     out = tmp_path / "out.jsonl"
     result = subprocess.run(
-        [PYTHON, str(ROOT / "predict.py"), f"checkpoint={run_dir}", f"input_file={DEV}", f"output_file={out}",
-         "progress=false"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=120, cwd=tmp_path,
+        [
+            PYTHON,
+            str(ROOT / "predict.py"),
+            f"checkpoint={run_dir}",
+            f"input_file={DEV}",
+            f"output_file={out}",
+            "progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(out.read_text().splitlines()) == 408
@@ -101,10 +118,21 @@ def test_predict_cli_text_and_file(run_dir, tmp_path):
 
 def test_eval_only_run_on_the_test_split(run_dir, tmp_path):
     result = subprocess.run(
-        [PYTHON, str(ROOT / "train.py"), "trainer.do_train=false", f"checkpoint={run_dir}", "data.eval_split=test",
-         "data.max_eval_samples=50", "trainer.progress=false", f"hydra.run.dir={tmp_path}/eval",
-         f"data.cache_dir={tmp_path}/cache"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=300,
+        [
+            PYTHON,
+            str(ROOT / "train.py"),
+            "trainer.do_train=false",
+            f"checkpoint={run_dir}",
+            "data.eval_split=test",
+            "data.max_eval_samples=50",
+            "trainer.progress=false",
+            f"hydra.run.dir={tmp_path}/eval",
+            f"data.cache_dir={tmp_path}/cache",
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
@@ -114,8 +142,11 @@ def test_eval_only_run_on_the_test_split(run_dir, tmp_path):
 
 
 def test_eval_only_on_dev_equals_the_stored_metric(run_dir, make_cfg):
-    value = train(make_cfg("trainer.do_train=false", f"checkpoint={run_dir}", "data.max_eval_samples=40",
-                           "trainer.progress=false"))
+    value = train(
+        make_cfg(
+            "trainer.do_train=false", f"checkpoint={run_dir}", "data.max_eval_samples=40", "trainer.progress=false"
+        )
+    )
     assert value == json.loads((run_dir / "best_acc_classify.json").read_text())["metric_value"]
 
 
@@ -135,29 +166,29 @@ def test_mismatched_checkpoint_lists_keys_and_shapes(run_dir, tmp_path):
     assert "unexpected keys (1): extra.weight" in message
 
 
-class _Payload:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.target}",))
-
-
 @pytest.mark.parametrize("force_unsafe_env", [False, True])
 def test_a_pickle_that_runs_code_is_refused(run_dir, tmp_path, force_unsafe_env):
     marker = tmp_path / "pwned"
     with open(tmp_path / "best_acc_classify.pth", "wb") as handle:
-        pickle.dump({"classifier.weight": _Payload(marker)}, handle)
+        pickle.dump({"classifier.weight": PicklePayload(marker)}, handle)
     (tmp_path / "best_acc_classify.json").write_text((run_dir / "best_acc_classify.json").read_text())
     env = subprocess_env()
     if force_unsafe_env:
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
     result = subprocess.run(
         [PYTHON, str(ROOT / "predict.py"), f"checkpoint={tmp_path}", "text=hello"],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "not a safe weights file" in result.stderr
     assert not marker.exists()
+
+
+def test_engine_exports_load_classifier():
+    from engine import load_classifier
+    from engine.predict import load_classifier as direct
+
+    assert load_classifier is direct

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import pickle
 import shutil
 import signal
@@ -18,10 +17,9 @@ import torch
 
 from engine import checkpoint, resume
 from engine.checkpoint import CheckpointError
-from engine.data import DataError
 from engine.errors import EngineError
 from engine.loop import train
-from tests.conftest import ROOT, TINY, subprocess_env
+from tests.conftest import ROOT, TINY, PicklePayload, accelerate_launch, subprocess_env
 
 # Shuffling, dropout (the tiny model keeps BERT's 0.1) and a state every 3 steps.
 RUN = (*TINY, "trainer.epochs=2", "trainer.save_every=3", "data.max_train_samples=80", "trainer.batch_size=8")
@@ -52,13 +50,15 @@ def _assert_same_run(a: Path, b: Path) -> None:
     evals_a = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     evals_b = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
     assert [(e["step"], e["loss"], e["accuracy"]) for e in evals_a] == [
-        (e["step"], e["loss"], e["accuracy"]) for e in evals_b]
+        (e["step"], e["loss"], e["accuracy"]) for e in evals_b
+    ]
 
 
 def _run(args: list[str], tmp_path: Path, launcher: list[str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     command = [*(launcher or [sys.executable]), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=600,
-                          cwd=tmp_path, **kwargs)
+    return subprocess.run(
+        command, capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=tmp_path, **kwargs
+    )
 
 
 def test_resume_after_a_hard_kill_is_bit_exact(tmp_path):
@@ -79,30 +79,40 @@ def test_resume_after_a_hard_kill_is_bit_exact(tmp_path):
 
 @pytest.mark.slow
 def test_resume_on_two_gloo_processes_is_bit_exact(tmp_path):
-    launcher = [str(ROOT / ".venv" / "bin" / "accelerate") if (ROOT / ".venv" / "bin" / "accelerate").exists()
-                else shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-                "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29611"]
+    launcher = accelerate_launch(29611)
     common = [*RUN, "trainer.batch_size=4", f"data.cache_dir={tmp_path}/cache"]
     clean = _run([str(ROOT / "train.py"), *common, f"hydra.run.dir={tmp_path}/clean"], tmp_path, launcher)
     assert clean.returncode == 0, clean.stderr[-3000:]
-    killed = _run([HELPER, "--exit-after-step", "8", *common, f"hydra.run.dir={tmp_path}/killed"], tmp_path,
-                  launcher)
+    killed = _run([HELPER, "--exit-after-step", "8", *common, f"hydra.run.dir={tmp_path}/killed"], tmp_path, launcher)
     assert killed.returncode != 0
     assert checkpoint.latest_state(tmp_path / "killed")[0].name == "step_00000006"
-    resumed = _run([str(ROOT / "train.py"), *common, f"hydra.run.dir={tmp_path}/resumed",
-                    f"resume={tmp_path}/killed"], tmp_path, launcher)
+    resumed = _run(
+        [str(ROOT / "train.py"), *common, f"hydra.run.dir={tmp_path}/resumed", f"resume={tmp_path}/killed"],
+        tmp_path,
+        launcher,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_run(tmp_path / "clean", tmp_path / "killed")
 
 
 def test_sigterm_saves_a_complete_state_and_exits_143_then_resumes_exactly(tmp_path):
-    common = [*TINY, "trainer.epochs=3", "data.max_train_samples=400", "trainer.batch_size=8",
-              f"data.cache_dir={tmp_path}/cache"]
+    common = [
+        *TINY,
+        "trainer.epochs=3",
+        "data.max_train_samples=400",
+        "trainer.batch_size=8",
+        f"data.cache_dir={tmp_path}/cache",
+    ]
     clean = _run([str(ROOT / "train.py"), *common, f"hydra.run.dir={tmp_path}/clean"], tmp_path)
     assert clean.returncode == 0, clean.stderr[-3000:]
     run = tmp_path / "term"
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, f"hydra.run.dir={run}"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), cwd=tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *common, f"hydra.run.dir={run}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+        cwd=tmp_path,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         if (run / "train_steps.jsonl").exists() and len((run / "train_steps.jsonl").read_text().splitlines()) >= 60:
@@ -126,8 +136,15 @@ def test_resume_refuses_a_run_that_differs(make_cfg, tmp_path):
     train(make_cfg(*TINY, "trainer.save_every=4"))
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.is_file()}
     with pytest.raises(CheckpointError) as info:
-        train(make_cfg(*TINY, "trainer.batch_size=4", "data.max_length=64", f"resume={tmp_path / 'run'}",
-                       output_dir=tmp_path / "other"))
+        train(
+            make_cfg(
+                *TINY,
+                "trainer.batch_size=4",
+                "data.max_length=64",
+                f"resume={tmp_path / 'run'}",
+                output_dir=tmp_path / "other",
+            )
+        )
     text = str(info.value)
     assert "trainer.batch_size: saved 8, now 4" in text and "data.max_length: saved 128, now 64" in text
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.is_file()}
@@ -199,8 +216,16 @@ def test_a_crash_at_any_file_operation_of_a_save_never_leaves_a_bad_state(make_c
             patches.append((owner, attribute, real))
             monkeypatch.setattr(owner, attribute, wrapped)
         try:
-            resume.save(run, _OneProcess(), resume.Progress(global_step=7, epoch=0, step_in_epoch=7), model,
-                        optimizer, scheduler, {}, config)
+            resume.save(
+                run,
+                _OneProcess(),
+                resume.Progress(global_step=7, epoch=0, step_in_epoch=7),
+                model,
+                optimizer,
+                scheduler,
+                {},
+                config,
+            )
         except _Crash:
             pass
         finally:
@@ -252,16 +277,22 @@ def test_nan_at_step_k_is_skipped_and_never_reaches_disk(make_cfg, tmp_path, mon
     assert all(torch.isfinite(t).all() for t in _final_model(run).values() if t.is_floating_point())
 
 
-@pytest.mark.parametrize(("setting", "message"), [
-    (("trainer.on_nonfinite=stop",), "stopping (trainer.on_nonfinite=stop"),
-    (("trainer.max_nonfinite=1",), "2 non-finite steps, trainer.max_nonfinite=1"),
-])
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (("trainer.on_nonfinite=stop",), "stopping (trainer.on_nonfinite=stop"),
+        (("trainer.max_nonfinite=1",), "2 non-finite steps, trainer.max_nonfinite=1"),
+    ],
+)
 def test_nonfinite_stop_and_limit(make_cfg, monkeypatch, setting, message):
     from engine.model import ClassifierWithLoss
 
     real = ClassifierWithLoss.loss_from_logits
-    monkeypatch.setattr(ClassifierWithLoss, "loss_from_logits",
-                        lambda self, *a, **k: real(self, *a, **k) * (float("nan") if torch.is_grad_enabled() else 1))
+    monkeypatch.setattr(
+        ClassifierWithLoss,
+        "loss_from_logits",
+        lambda self, *a, **k: real(self, *a, **k) * (float("nan") if torch.is_grad_enabled() else 1),
+    )
     with pytest.raises(EngineError, match=message.replace("(", r"\(")):
         train(make_cfg(*TINY, *setting))
 
@@ -285,17 +316,11 @@ def test_disk_full_during_save_keeps_the_old_files(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.torch, "save", full)
     with pytest.raises(CheckpointError, match=r"cannot write .*best_acc_classify.pth: No space left on device"):
         checkpoint.save_best(tmp_path, {"w": torch.zeros(3)}, {"metric_value": 0.9})
-    assert ((tmp_path / "best_acc_classify.pth").read_bytes(), (tmp_path / "best_acc_classify.json").read_text()) \
-        == before
+    assert (
+        (tmp_path / "best_acc_classify.pth").read_bytes(),
+        (tmp_path / "best_acc_classify.json").read_text(),
+    ) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_acc_classify.json", "best_acc_classify.pth"]
-
-
-class _Payload:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.target}",))
 
 
 @pytest.mark.parametrize("force_unsafe", [False, True])
@@ -306,7 +331,7 @@ def test_a_pickle_planted_in_the_resume_state_is_refused(make_cfg, tmp_path, mon
     folder, _ = checkpoint.latest_state(run)
     marker = tmp_path / "pwned"
     with open(folder / planted, "wb") as handle:
-        pickle.dump({"x": _Payload(marker)}, handle)
+        pickle.dump({"x": PicklePayload(marker)}, handle)
     if force_unsafe:
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(CheckpointError, match="not a safe, complete state file"):
@@ -328,9 +353,19 @@ def test_bad_data_files_fail_before_work_with_file_and_line(tmp_path, case):
     content, message = BAD_FILES[case]
     (tmp_path / "train.csv").write_bytes(content)
     (tmp_path / "dev.csv").write_bytes(b"text,label\nok,1\n")
-    result = _run([str(ROOT / "train.py"), "model=tiny", "data=local", f"data.train_file={tmp_path}/train.csv",
-                   f"data.validation_file={tmp_path}/dev.csv", "data.text_column=text",
-                   f"hydra.run.dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache"], tmp_path)
+    result = _run(
+        [
+            str(ROOT / "train.py"),
+            "model=tiny",
+            "data=local",
+            f"data.train_file={tmp_path}/train.csv",
+            f"data.validation_file={tmp_path}/dev.csv",
+            "data.text_column=text",
+            f"hydra.run.dir={tmp_path}/run",
+            f"data.cache_dir={tmp_path}/cache",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert {p.name for p in (tmp_path / "run").iterdir()} <= {".hydra", "train.log"}
@@ -338,20 +373,36 @@ def test_bad_data_files_fail_before_work_with_file_and_line(tmp_path, case):
 
 def test_a_byte_order_mark_is_read_cleanly(tmp_path, make_cfg):
     (tmp_path / "train.csv").write_bytes("\ufefftext,label\nhello there,1\nbye now,0\n".encode())
-    best = train(make_cfg("model=tiny", "data=local", f"data.train_file={tmp_path}/train.csv",
-                          f"data.validation_file={tmp_path}/train.csv", "data.text_column=text",
-                          "trainer.progress=false"))
+    best = train(
+        make_cfg(
+            "model=tiny",
+            "data=local",
+            f"data.train_file={tmp_path}/train.csv",
+            f"data.validation_file={tmp_path}/train.csv",
+            "data.text_column=text",
+            "trainer.progress=false",
+        )
+    )
     assert 0.0 <= best <= 1.0
 
 
 @pytest.mark.slow
 def test_fewer_training_rows_than_processes(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\nonly one,1\n")
-    launcher = [str(ROOT / ".venv" / "bin" / "accelerate") if (ROOT / ".venv" / "bin" / "accelerate").exists()
-                else shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-                "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29612"]
-    result = _run([str(ROOT / "train.py"), "model=tiny", "data=local", f"data.train_file={tmp_path}/train.csv",
-                   f"data.validation_file={tmp_path}/train.csv", "data.text_column=text",
-                   f"hydra.run.dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache"], tmp_path, launcher)
+    launcher = accelerate_launch(29612)
+    result = _run(
+        [
+            str(ROOT / "train.py"),
+            "model=tiny",
+            "data=local",
+            f"data.train_file={tmp_path}/train.csv",
+            f"data.validation_file={tmp_path}/train.csv",
+            "data.text_column=text",
+            f"hydra.run.dir={tmp_path}/run",
+            f"data.cache_dir={tmp_path}/cache",
+        ],
+        tmp_path,
+        launcher,
+    )
     assert result.returncode != 0
     assert "1 training rows for 2 processes" in result.stderr

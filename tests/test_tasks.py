@@ -32,9 +32,13 @@ def _csv(path: Path, rows: list[tuple[str, object]]) -> Path:
 
 
 def _load(tmp_path, tokenizer, train_rows, dev_rows, **config):
-    data = DataConfig(train_file=str(_csv(tmp_path / "train.csv", train_rows)),
-                      validation_file=str(_csv(tmp_path / "dev.csv", dev_rows)), text_column="text",
-                      cache_dir=str(tmp_path / "cache"), **config)
+    data = DataConfig(
+        train_file=str(_csv(tmp_path / "train.csv", train_rows)),
+        validation_file=str(_csv(tmp_path / "dev.csv", dev_rows)),
+        text_column="text",
+        cache_dir=str(tmp_path / "cache"),
+        **config,
+    )
     return load_data(data, tokenizer)
 
 
@@ -92,8 +96,9 @@ def test_threshold_tuning_picks_the_f1_maximising_threshold():
     tuned = tune_thresholds(probs, labels)
     assert tuned["per_label"][0] == pytest.approx(0.21)  # the lowest threshold that separates label 0
     assert tuned["per_label"][1] <= 0.80
-    metrics = compute_metrics(np.log(probs / (1 - probs)), labels, ProblemType.multi_label_classification,
-                              threshold=tuned["per_label"])
+    metrics = compute_metrics(
+        np.log(probs / (1 - probs)), labels, ProblemType.multi_label_classification, threshold=tuned["per_label"]
+    )
     assert metrics["micro_f1"] == pytest.approx(2 * 4 / (2 * 4 + 1))  # one false positive left (0.85)
     default = compute_metrics(np.log(probs / (1 - probs)), labels, ProblemType.multi_label_classification)
     assert metrics["micro_f1"] > default["micro_f1"]
@@ -123,8 +128,16 @@ def test_goemotions_loader_counts_and_multi_hot():
 
 @needs_goemotions
 def test_tiny_multi_label_run_tunes_thresholds_and_reports(make_cfg, tmp_path):
-    best = train(make_cfg(*TINY, "data=goemotions", "loss=balanced", "data.max_train_samples=96",
-                          "data.max_eval_samples=64", "trainer.evaluate_test=true"))
+    best = train(
+        make_cfg(
+            *TINY,
+            "data=goemotions",
+            "loss=balanced",
+            "data.max_train_samples=96",
+            "data.max_eval_samples=64",
+            "trainer.evaluate_test=true",
+        )
+    )
     run = tmp_path / "run"
     info = json.loads((run / "best_acc_classify.json").read_text())
     assert info["problem_type"] == "multi_label_classification" and info["num_labels"] == 28
@@ -145,8 +158,17 @@ def test_string_labels_round_trip_to_predictions(make_cfg, tmp_path):
     rows = [("great film loved it", "pos"), ("awful boring mess", "neg"), ("it was fine", "meh")] * 12
     _csv(tmp_path / "train.csv", rows)
     _csv(tmp_path / "dev.csv", rows[:9])
-    train(make_cfg("model=tiny", "data=local", f"data.train_file={tmp_path}/train.csv", "trainer.progress=false",
-                   f"data.validation_file={tmp_path}/dev.csv", "data.text_column=text", "trainer.epochs=1"))
+    train(
+        make_cfg(
+            "model=tiny",
+            "data=local",
+            f"data.train_file={tmp_path}/train.csv",
+            "trainer.progress=false",
+            f"data.validation_file={tmp_path}/dev.csv",
+            "data.text_column=text",
+            "trainer.epochs=1",
+        )
+    )
     info = json.loads((tmp_path / "run" / "best_acc_classify.json").read_text())
     assert info["id2label"] == {"0": "meh", "1": "neg", "2": "pos"}
     classifier = load_classifier(tmp_path / "run")

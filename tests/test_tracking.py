@@ -30,9 +30,18 @@ def run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("seen")
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose(config_name="config", overrides=[*TINY, "trainer.epochs=2", "trainer.log_every=3",
-                                                       "trainer.evaluate_test=true", "data.max_eval_samples=30",
-                                                       f"output_dir={out}", f"data.cache_dir={out}/cache"])
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                *TINY,
+                "trainer.epochs=2",
+                "trainer.log_every=3",
+                "trainer.evaluate_test=true",
+                "data.max_eval_samples=30",
+                f"output_dir={out}",
+                f"data.cache_dir={out}/cache",
+            ],
+        )
     train(cfg)
     return out
 
@@ -54,8 +63,16 @@ def test_tensorboard_events_are_readable(run):
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "eval/accuracy", "eval/loss",
-            "eval/best", "test/accuracy"} <= tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "eval/accuracy",
+        "eval/loss",
+        "eval/best",
+        "test/accuracy",
+    } <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [3, 6, 9, 12, 15, 16]
     assert [e.step for e in events.Scalars("eval/accuracy")] == [8, 16]
 
@@ -86,11 +103,17 @@ def test_preflight_numbers_match_a_hand_count(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(bundled_minilm_path())
     train_rows = ["a b c", "a b c d e f g h i j k l", "x", "same text", "same text"]
     dev_rows = ["same text", "new one"]
-    (tmp_path / "train.csv").write_text("text,label\n" + "".join(
-        f"{t},{label}\n" for t, label in zip(train_rows, [0, 0, 0, 1, 0], strict=True)))
+    (tmp_path / "train.csv").write_text(
+        "text,label\n" + "".join(f"{t},{label}\n" for t, label in zip(train_rows, [0, 0, 0, 1, 0], strict=True))
+    )
     (tmp_path / "dev.csv").write_text("text,label\n" + "".join(f"{t},1\n" for t in dev_rows))
-    data = DataConfig(train_file=str(tmp_path / "train.csv"), validation_file=str(tmp_path / "dev.csv"),
-                      text_column="text", max_length=8, cache_dir=str(tmp_path / "cache"))
+    data = DataConfig(
+        train_file=str(tmp_path / "train.csv"),
+        validation_file=str(tmp_path / "dev.csv"),
+        text_column="text",
+        max_length=8,
+        cache_dir=str(tmp_path / "cache"),
+    )
     report = load_data(data, tokenizer).preflight
     lengths = sorted(len(tokenizer(t)["input_ids"]) for t in train_rows)  # [3, 4, 4, 5, 14] with CLS/SEP
     train = report["splits"]["train"]

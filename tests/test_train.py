@@ -51,8 +51,16 @@ def test_seed_recipe_reproduces_the_stored_dev_metric(make_cfg, tmp_path):
     """from_pretrained(src, num_labels=2) + load_state_dict(torch.load(path, weights_only=True))."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    train(make_cfg("model=minilm", "trainer.max_steps=3", "trainer.batch_size=8", "trainer.progress=false",
-                   "data.max_train_samples=48", "data.max_eval_samples=40"))
+    train(
+        make_cfg(
+            "model=minilm",
+            "trainer.max_steps=3",
+            "trainer.batch_size=8",
+            "trainer.progress=false",
+            "data.max_train_samples=48",
+            "data.max_eval_samples=40",
+        )
+    )
     run = tmp_path / "run"
     info = json.loads((run / "best_acc_classify.json").read_text())
     assert info["model_source"] == bundled_minilm_path()
@@ -62,12 +70,14 @@ def test_seed_recipe_reproduces_the_stored_dev_metric(make_cfg, tmp_path):
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(info["model_source"])
     import pandas as pd
+
     dev = pd.read_csv(ROOT / "data/mrpc/dev.tsv", sep="\t", quoting=3, encoding="utf-8-sig", dtype=str).iloc[:40]
     correct = 0
     with torch.no_grad():
         for _, row in dev.iterrows():
-            encoded = tokenizer(row["#1 String"], row["#2 String"], truncation=True, max_length=128,
-                                return_tensors="pt")
+            encoded = tokenizer(
+                row["#1 String"], row["#2 String"], truncation=True, max_length=128, return_tensors="pt"
+            )
             correct += int(model(**encoded).logits.argmax(-1).item() == int(row["Quality"]))
     assert correct / len(dev) == info["metric_value"] == info["metrics"]["accuracy"]
 
@@ -89,7 +99,11 @@ def test_cli_tiny_run_writes_the_run_directory(tmp_path):
     run = tmp_path / "cli"
     result = subprocess.run(
         [PYTHON, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run}", f"data.cache_dir={tmp_path}/cache"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert RUN_FILES | {".hydra"} <= {p.name for p in run.iterdir()}
@@ -110,7 +124,10 @@ def test_cli_offline_hub_model_fails_fast_with_one_clear_message(tmp_path, offli
     started = time.perf_counter()
     result = subprocess.run(
         [PYTHON, str(ROOT / "train.py"), "model=bert-base-uncased", f"hydra.run.dir={tmp_path}/run"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert time.perf_counter() - started < 60
     assert result.returncode == 2

@@ -1,0 +1,270 @@
+"""Side-by-side benchmark: the Hugging Face Trainer and this engine on the same job.
+
+    python benchmarks/bench.py --mode short      # a few hundred steps each
+    python benchmarks/bench.py --mode full       # 3 epochs each (the issue's figure)
+
+Same model (the bundled MiniLM), data (MRPC), batch size, learning rate, epochs and
+seed. Each side runs in its own process (so peak RSS is its own); this machine's
+fp32 and bf16 matmul rates are measured in the same run. Prints one table with the
+ratio ours / Trainer. Not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak(dtype_name: str, size: int = 2048, seconds: float = 3.0) -> float:
+    """GFLOP/s of a square matmul in ``dtype`` (bf16 through autocast-free native bf16 tensors)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - started) / 1e9
+
+
+def mrpc_frames():
+    import pandas as pd
+
+    read = lambda name: pd.read_csv(
+        ROOT / "data/mrpc" / name,
+        sep="\t",
+        quoting=3,
+        encoding="utf-8-sig",  # noqa: E731
+        dtype=str,
+        keep_default_na=False,
+    )
+    return read("train.tsv"), read("dev.tsv")
+
+
+def run_trainer(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from engine.config import bundled_minilm_path
+
+    torch.manual_seed(args.seed)
+    source = bundled_minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    train_frame, dev_frame = mrpc_frames()
+
+    def encode(frame):
+        data = Dataset.from_dict(
+            {
+                "a": frame["#1 String"].tolist(),
+                "b": frame["#2 String"].tolist(),
+                "label": frame["Quality"].astype(int).tolist(),
+            }
+        )
+        return data.map(
+            lambda x: tokenizer(x["a"], x["b"], truncation=True, max_length=128),
+            batched=True,
+            remove_columns=["a", "b"],
+        )
+
+    train_set, dev_set = encode(train_frame), encode(dev_frame)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
+    out = tempfile.mkdtemp()
+    training = TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=args.lr,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps or -1,
+        warmup_ratio=0.1,
+        weight_decay=0.01,
+        seed=args.seed,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=50,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+    def accuracy(prediction):
+        return {"accuracy": float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())}
+
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=train_set,
+        eval_dataset=dev_set,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=accuracy,
+    )
+    started = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - started
+    steps = result.global_step
+    samples = min(steps * args.batch_size, len(train_set) * args.epochs)
+    tokens_per_epoch = sum(len(ids) for ids in train_set["input_ids"])
+    tokens = tokens_per_epoch * samples / len(train_set)
+    started = time.perf_counter()
+    metrics = trainer.evaluate()
+    eval_seconds = time.perf_counter() - started
+    return {
+        "train_samples_per_s": samples / train_seconds,
+        "tokens_per_s": tokens / train_seconds,
+        "eval_samples_per_s": len(dev_set) / eval_seconds,
+        "dev_accuracy": metrics["eval_accuracy"],
+        "train_seconds": train_seconds,
+        "steps": steps,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_ours(args: argparse.Namespace) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from engine.config import CONFIG_DIR
+    from engine.loop import train
+
+    out = Path(tempfile.mkdtemp())
+    overrides = [
+        f"output_dir={out}",
+        f"seed={args.seed}",
+        f"trainer.batch_size={args.batch_size}",
+        f"optim.lr={args.lr}",
+        f"trainer.epochs={args.epochs}",
+        "trainer.progress=false",
+        "trainer.log_every=50",
+        "trainer.save_state=false",
+        "logger=[jsonl]",
+        *args.ours,
+    ]
+    if args.max_steps:
+        overrides.append(f"trainer.max_steps={args.max_steps}")
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        cfg = compose(config_name="config", overrides=overrides)
+    train(cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "train_samples_per_s": summary["train_samples_per_s"],
+        "tokens_per_s": summary["train_tokens_per_s"],
+        "eval_samples_per_s": evals[-1]["samples_per_s"],
+        "dev_accuracy": evals[-1]["accuracy"],
+        "train_seconds": summary["wall_seconds"],
+        "steps": summary["steps"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def non_embedding_parameters() -> int:
+    from transformers import AutoModelForSequenceClassification
+
+    from engine.config import bundled_minilm_path
+
+    model = AutoModelForSequenceClassification.from_pretrained(bundled_minilm_path(), num_labels=2)
+    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["short", "full"], default="short")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--side", choices=["trainer", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--ours", nargs="*", default=[], help="extra overrides for our engine (a lever to try)")
+    args = parser.parse_args()
+    args.epochs = 3
+    args.max_steps = 200 if args.mode == "short" else None
+
+    if args.side:  # a child process: run one side and print its JSON
+        result = run_trainer(args) if args.side == "trainer" else run_ours(args)
+        print("RESULT " + json.dumps(result))
+        return 0
+
+    import torch
+
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; mode {args.mode}, batch {args.batch_size}, "
+        f"lr {args.lr}, seed {args.seed}, ours {' '.join(args.ours) or '(defaults)'}",
+        flush=True,
+    )
+    peaks = {name: matmul_peak(name) for name in ("fp32", "bf16")}
+    results = {}
+    for side in ("trainer", "ours"):
+        command = [
+            sys.executable,
+            __file__,
+            "--side",
+            side,
+            "--mode",
+            args.mode,
+            "--batch-size",
+            str(args.batch_size),
+            "--lr",
+            str(args.lr),
+            "--seed",
+            str(args.seed),
+            "--ours",
+            *args.ours,
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+            return 1
+        results[side] = json.loads(line[len("RESULT ") :])
+        print(f"{side}: {results[side]}", flush=True)
+    flops_per_token = 6 * non_embedding_parameters()
+    rows = [
+        ("train samples/s", "train_samples_per_s", "{:.1f}"),
+        ("non-pad tokens/s", "tokens_per_s", "{:.0f}"),
+        ("eval samples/s", "eval_samples_per_s", "{:.1f}"),
+        ("dev accuracy", "dev_accuracy", "{:.4f}"),
+        ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+    ]
+    print(f"\nmatmul peak on this machine: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    print("| metric | HF Trainer | ours | ours / Trainer |\n|---|---|---|---|")
+    for label, key, fmt in rows:
+        a, b = results["trainer"][key], results["ours"][key]
+        print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {b / a:.2f} |")
+    for side in ("trainer", "ours"):
+        rate = flops_per_token * results[side]["tokens_per_s"] / 1e9
+        print(
+            f"{side}: {rate:.0f} GFLOP/s on non-pad tokens (6 x non-embedding params) = "
+            f"{100 * rate / peaks['bf16']:.0f}% of the bf16 matmul peak, {100 * rate / peaks['fp32']:.0f}% of fp32"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
