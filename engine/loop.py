@@ -409,9 +409,10 @@ def fit(config: Config, backend: Backend) -> float:
         while progress.epoch < t.epochs and progress.global_step < total_steps:
             epoch = progress.epoch
             shuffler.set_epoch(epoch)
-            skip = progress.step_in_epoch * t.grad_accum_steps  # micro-batches this process already did
+            skip = progress.batches_in_epoch  # micro-batches this process already did
             epoch_loader = backend.skip_first_batches(train_dl, skip) if skip else train_dl
             for micro_batches in micro_batch_groups(epoch_loader, t.grad_accum_steps):
+                progress.batches_in_epoch += len(micro_batches)
                 micro_batches = [backend.to_device(b) for b in micro_batches]
                 step_loss = forward_backward(model, classifier, backend, micro_batches)
                 grad_norm = backend.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
@@ -475,7 +476,7 @@ def fit(config: Config, backend: Backend) -> float:
                 if t.eval_every and step % t.eval_every == 0:
                     evaluate_and_keep_best(epoch, step)
                     progress.last_eval_step = step
-                end_of_epoch = progress.step_in_epoch * t.grad_accum_steps >= len(train_dl)
+                end_of_epoch = progress.batches_in_epoch >= len(train_dl)
                 stopping = backend.any_process(stop.received is not None)
                 if stopping or (t.save_every and step % t.save_every == 0 and not end_of_epoch):
                     save_state()
@@ -490,7 +491,7 @@ def fit(config: Config, backend: Backend) -> float:
                 evaluate_and_keep_best(epoch, progress.global_step)
                 progress.last_eval_step = progress.global_step
             if progress.global_step < total_steps:
-                progress.epoch, progress.step_in_epoch = epoch + 1, 0
+                progress.epoch, progress.step_in_epoch, progress.batches_in_epoch = epoch + 1, 0, 0
             save_state()
             window_start = time.perf_counter()
     bar.close()

@@ -57,6 +57,7 @@ class Progress:
 
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps done in ``epoch``
+    batches_in_epoch: int = 0  # micro-batches this process consumed in ``epoch`` (skipped steps too)
     global_step: int = 0
     best_value: float | None = None
     best_step: int = -1

@@ -120,6 +120,8 @@ def test_sigterm_saves_a_complete_state_and_exits_143_then_resumes_exactly(tmp_p
         time.sleep(0.05)
     sent = time.time()
     process.send_signal(signal.SIGTERM)
+    time.sleep(0.02)
+    process.send_signal(signal.SIGINT)  # a second signal, during the save, must not corrupt it
     process.wait(timeout=60)
     assert process.returncode == 143
     assert time.time() - sent < 10
