@@ -50,14 +50,11 @@ def matmul_peak(dtype_name: str, size: int = 2048, seconds: float = 3.0) -> floa
 def mrpc_frames():
     import pandas as pd
 
-    read = lambda name: pd.read_csv(
-        ROOT / "data/mrpc" / name,
-        sep="\t",
-        quoting=3,
-        encoding="utf-8-sig",  # noqa: E731
-        dtype=str,
-        keep_default_na=False,
-    )
+    def read(name: str):
+        return pd.read_csv(
+            ROOT / "data/mrpc" / name, sep="\t", quoting=3, encoding="utf-8-sig", dtype=str, keep_default_na=False
+        )
+
     return read("train.tsv"), read("dev.tsv")
 
 

@@ -6,11 +6,14 @@ failed (``<job dir>/failed.json``, read by the sweep summary) and runs the rest.
 Selected with ``hydra/launcher=engine`` (the default in conf/config.yaml).
 """
 
+# No `from __future__ import annotations`: Hydra executes this module without registering it in
+# sys.modules, and dataclasses cannot resolve postponed annotations there.
 import logging
-from typing import Dict, List, Optional, Sequence  # no postponed annotations: Hydra loads this module bare
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
@@ -30,9 +33,9 @@ ConfigStore.instance().store(group="hydra/launcher", name="engine", node=EngineL
 
 class EngineLauncher(Launcher):
     def __init__(self) -> None:
-        self.config: Optional[DictConfig] = None
-        self.task_function: Optional[TaskFunction] = None
-        self.hydra_context: Optional[HydraContext] = None
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -48,7 +51,7 @@ class EngineLauncher(Launcher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"Launching {len(job_overrides)} jobs locally")
-        runs: List[JobReturn] = []
+        runs: list[JobReturn] = []
         for offset, overrides in enumerate(job_overrides):
             idx = initial_job_idx + offset
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
@@ -80,7 +83,7 @@ class EngineLauncher(Launcher):
         return runs
 
 
-def _subdir(overrides: List[str], idx: int) -> str:
+def _subdir(overrides: list[str], idx: int) -> str:
     """The job's folder name as Hydra's override_dirname would make it (it could not be composed)."""
     from engine.config import job_dirname
 
@@ -88,14 +91,12 @@ def _subdir(overrides: List[str], idx: int) -> str:
     return job_dirname(",".join(kept)) if kept else f"job_{idx}"
 
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # noqa: E402
-
 
 @dataclass
 class EngineSweeperConf:
     _target_: str = "hydra_plugins.engine_launcher.engine_launcher.EngineSweeper"
-    max_batch_size: Optional[int] = None
-    params: Optional[Dict[str, str]] = None
+    max_batch_size: int | None = None
+    params: dict[str, str] | None = None
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="engine", node=EngineSweeperConf, provider="engine")
