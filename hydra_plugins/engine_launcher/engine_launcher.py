@@ -91,7 +91,6 @@ def _subdir(overrides: list[str], idx: int) -> str:
     return job_dirname(",".join(kept)) if kept else f"job_{idx}"
 
 
-
 @dataclass
 class EngineSweeperConf:
     _target_: str = "hydra_plugins.engine_launcher.engine_launcher.EngineSweeper"
