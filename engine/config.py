@@ -55,6 +55,8 @@ class ModelConfig:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     # Sets hidden and attention dropout (BERT-style names); null keeps the model's own.
     dropout: float | None = None
+    # Multi-label without pos_weight: start the output bias at each label's log prior odds.
+    init_bias_from_priors: bool = True
     attn_implementation: str | None = "sdpa"
 
 

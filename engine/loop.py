@@ -28,7 +28,13 @@ from engine.config import Config, MixedPrecision, NonFinite, OptimConfig, Proble
 from engine.data import eval_loader, format_preflight, load_data, make_collator, train_loader
 from engine.errors import EngineError
 from engine.metrics import compute_metrics, confusion, per_class_report, sigmoid, tune_thresholds
-from engine.model import build_model, load_tokenizer, plain_state_dict, resolve_class_weights
+from engine.model import (
+    build_model,
+    init_bias_from_priors,
+    load_tokenizer,
+    plain_state_dict,
+    resolve_class_weights,
+)
 from engine.resume import Progress
 
 log = logging.getLogger("engine.loop")
@@ -289,6 +295,8 @@ def fit(config: Config, backend: Backend) -> float:
         log.info("class weights: %s", [round(w, 4) for w in class_weights])
     seed_everything(config.seed)  # the same initial head whatever the data step consumed
     model = build_model(config.model, labels.num_labels, labels.id2label, labels.problem_type, class_weights)
+    if config.model.init_bias_from_priors and init_bias_from_priors(model, data.train_label_counts, len(data.train)):
+        log.info("output bias initialised to the labels' log prior odds (multi-label, no pos_weight)")
 
     collator = make_collator(tokenizer, config.data)
     dev_loader = eval_loader(data.eval, t.eval_batch_size, collator, config.data.num_workers)

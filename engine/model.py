@@ -217,6 +217,26 @@ def build_model(
     return ClassifierWithLoss(hf_model, problem_type, weights)
 
 
+def init_bias_from_priors(model: ClassifierWithLoss, label_counts: Sequence[int], n_samples: int) -> bool:
+    """Multi-label without ``pos_weight``: start each label's output bias at the log-odds of its prior.
+
+    With a zero bias every label starts at p=0.5, and the first epoch goes on learning that
+    most labels are rare (GoEmotions: 1.2 of 28 labels a row). A weighted loss (``pos_weight``)
+    moves the optimum away from the prior, so then the bias is left alone. Returns whether it set it.
+    """
+    if not model.multi_label or model.class_weights is not None or n_samples == 0:
+        return False
+    head = getattr(model.hf_model, "classifier", None)  # BERT-family *ForSequenceClassification
+    while head is not None and not isinstance(head, nn.Linear):  # e.g. RoBERTa's classification head
+        head = getattr(head, "out_proj", None)
+    if head is None or head.bias is None or head.bias.numel() != len(label_counts):
+        return False
+    prior = torch.tensor([c / n_samples for c in label_counts], dtype=torch.float32).clamp(1e-4, 1 - 1e-4)
+    with torch.no_grad():
+        head.bias.copy_(torch.log(prior / (1 - prior)))
+    return True
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """Strip DDP/FSDP (``module``), ``torch.compile`` (``_orig_mod``) and our loss wrapper."""
     while True:

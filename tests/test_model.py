@@ -131,3 +131,18 @@ def test_bf16_autocast_on_cpu_gives_a_finite_loss():
     assert out.loss.dtype == torch.float32 and math.isfinite(out.loss.item())
     backend.backward(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_multi_label_bias_starts_at_the_prior_log_odds():
+    from engine.model import init_bias_from_priors
+
+    model = tiny(num_labels=3, problem=ProblemType.multi_label_classification)
+    assert init_bias_from_priors(model, [10, 50, 1], 100)
+    bias = model.hf_model.classifier.bias.detach()
+    expected = torch.log(torch.tensor([0.1, 0.5, 0.01]) / (1 - torch.tensor([0.1, 0.5, 0.01])))
+    torch.testing.assert_close(bias, expected)
+    probabilities = torch.sigmoid(model.eval()(**batch(num_labels=3, multi=True)).logits)
+    assert probabilities.mean(0).tolist() == pytest.approx([0.1, 0.5, 0.01], abs=0.08)
+    weighted = tiny(num_labels=3, problem=ProblemType.multi_label_classification, weights=[9.0, 1.0, 99.0])
+    assert not init_bias_from_priors(weighted, [10, 50, 1], 100)  # pos_weight moves the optimum: leave it
+    assert not init_bias_from_priors(tiny(num_labels=3), [10, 50, 1], 100)  # single-label: untouched
