@@ -27,17 +27,20 @@ def token_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tokenized")
 
 
+def compose_cfg(output_dir: Path, cache_dir: Path, *overrides: str) -> DictConfig:
+    """The real config with overrides, writing to ``output_dir``."""
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        return compose(
+            config_name="config", overrides=[f"output_dir={output_dir}", f"data.cache_dir={cache_dir}", *overrides]
+        )
+
+
 @pytest.fixture
 def make_cfg(tmp_path, token_cache):
     """Compose the real config with overrides; outputs go to tmp_path/run."""
 
     def _make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
-        out = output_dir or tmp_path / "run"
-        with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-            return compose(
-                config_name="config",
-                overrides=[f"output_dir={out}", f"data.cache_dir={token_cache}", *overrides],
-            )
+        return compose_cfg(output_dir or tmp_path / "run", token_cache, *overrides)
 
     return _make
 

@@ -10,13 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from engine.checkpoint import CheckpointError
-from engine.config import CONFIG_DIR
 from engine.loop import train
 from engine.predict import load_classifier, predict_file
-from tests.conftest import PYTHON, ROOT, TINY, PicklePayload, subprocess_env
+from tests.conftest import PYTHON, ROOT, TINY, PicklePayload, compose_cfg, subprocess_env
 
 DEV = ROOT / "data" / "mrpc" / "dev.tsv"
 
@@ -24,11 +22,7 @@ DEV = ROOT / "data" / "mrpc" / "dev.tsv"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("trained")
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose(
-            config_name="config",
-            overrides=[*TINY, "trainer.epochs=2", f"output_dir={run}", f"data.cache_dir={run}/cache"],
-        )
+    cfg = compose_cfg(run, run / "cache", *TINY, "trainer.epochs=2")
     train(cfg)
     return run
 

@@ -12,7 +12,7 @@ from engine.config import DataConfig, bundled_minilm_path
 from engine.data import load_data
 from engine.loop import train
 from engine.tracking import Tracker
-from tests.conftest import TINY
+from tests.conftest import TINY, compose_cfg
 
 
 def png_size(path):
@@ -24,24 +24,16 @@ def png_size(path):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from hydra import compose, initialize_config_dir
-
-    from engine.config import CONFIG_DIR
-
     out = tmp_path_factory.mktemp("seen")
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose(
-            config_name="config",
-            overrides=[
-                *TINY,
-                "trainer.epochs=2",
-                "trainer.log_every=3",
-                "trainer.evaluate_test=true",
-                "data.max_eval_samples=30",
-                f"output_dir={out}",
-                f"data.cache_dir={out}/cache",
-            ],
-        )
+    cfg = compose_cfg(
+        out,
+        out / "cache",
+        *TINY,
+        "trainer.epochs=2",
+        "trainer.log_every=3",
+        "trainer.evaluate_test=true",
+        "data.max_eval_samples=30",
+    )
     train(cfg)
     return out
 
