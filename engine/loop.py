@@ -553,12 +553,15 @@ def fit(config: Config, backend: Backend) -> float:
                     confusion(logits, gold, labels.num_labels), labels.names, run_dir / plots.CONFUSION
                 )
             else:
-                report = per_class_report(logits, gold, labels.problem_type, labels.names)
+                # At the thresholds tuned on dev: the ones predictions will use.
+                threshold = thresholds["per_label"] if thresholds else 0.5
+                report = per_class_report(logits, gold, labels.problem_type, labels.names, threshold)
                 plots.plot_per_label_f1(
                     [r["f1"] for r in report],
                     [r["support"] for r in report],
                     labels.names,
                     run_dir / plots.PER_LABEL_F1,
+                    title="Per-label F1 (dev, best checkpoint, thresholds tuned per label)" if thresholds else None,
                 )
         summary = {
             "best_metric": t.metric_for_best,

@@ -106,7 +106,9 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: str | Path, t
     return Path(path)
 
 
-def plot_per_label_f1(f1: Sequence[float], support: Sequence[int], names: Sequence[str], path: str | Path) -> Path:
+def plot_per_label_f1(
+    f1: Sequence[float], support: Sequence[int], names: Sequence[str], path: str | Path, title: str | None = None
+) -> Path:
     plt = _pyplot()
     order = np.argsort(f1)
     figure, axis = plt.subplots(figsize=(8, max(3.5, 0.3 * len(names) + 1.5)), constrained_layout=True)
@@ -114,7 +116,7 @@ def plot_per_label_f1(f1: Sequence[float], support: Sequence[int], names: Sequen
     axis.set_yticks(range(len(names)), labels=[f"{names[i]} (n={support[i]})" for i in order])
     axis.set_xlim(0, 1)
     axis.set_xlabel("F1")
-    axis.set_title("Per-label F1 (dev, best checkpoint)")
+    axis.set_title(title or "Per-label F1 (dev, best checkpoint)")
     axis.grid(axis="x", alpha=0.3)
     figure.savefig(path, dpi=110)
     plt.close(figure)
