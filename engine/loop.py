@@ -193,14 +193,11 @@ def evaluate_checkpoint(config: Config, backend: Backend, run_dir: Path) -> floa
     from transformers import AutoTokenizer
 
     from engine.model import ClassifierWithLoss
-    from engine.predict import build_hf_model, locate
+    from engine.predict import load_hf_model, locate
 
     weights_path, info_path = locate(config.checkpoint)
     info = checkpoint.load_info(info_path)
-    hf_model = build_hf_model(info)
-    state = checkpoint.load_weights(weights_path)
-    checkpoint.check_state_dict(hf_model, state, weights_path)
-    hf_model.load_state_dict(state)
+    hf_model = load_hf_model(weights_path, info)
     problem_type = ProblemType(info["problem_type"])
     names = [info["id2label"][str(i)] for i in range(info["num_labels"])]
     tokenizer = AutoTokenizer.from_pretrained(info.get("tokenizer") or info["model_source"])

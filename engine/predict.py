@@ -60,6 +60,15 @@ def build_hf_model(info: dict[str, Any]) -> torch.nn.Module:
     return AutoModelForSequenceClassification.from_config(config, **({"attn_implementation": attn} if attn else {}))
 
 
+def load_hf_model(weights_path: Path, info: dict[str, Any]) -> torch.nn.Module:
+    """The checkpoint's architecture with its weights, loaded safely and strictly."""
+    model = build_hf_model(info)
+    state = load_weights(weights_path)
+    check_state_dict(model, state, weights_path)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
 class TextClassifier:
     """A loaded checkpoint: ``predict(texts)`` gives label names and probabilities."""
 
@@ -145,10 +154,7 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
     for key in ("model_source", "num_labels", "id2label", "problem_type"):
         if key not in info:
             raise CheckpointError(f"{info_path}: missing key {key!r}")
-    model = build_hf_model(info)
-    state = load_weights(weights_path)
-    check_state_dict(model, state, weights_path)
-    model.load_state_dict(state, strict=True)
+    model = load_hf_model(weights_path, info)
     tokenizer = AutoTokenizer.from_pretrained(info.get("tokenizer") or info["model_source"])
     resolved = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
