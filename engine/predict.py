@@ -114,6 +114,13 @@ class TextClassifier:
             return sigmoid(logits)
         return softmax(logits)
 
+    def decide(self, row: np.ndarray) -> str | list[str]:
+        """One row of probabilities as its label, or for multi-label its labels over their thresholds."""
+        names = self.labels
+        if self.problem_type == ProblemType.multi_label_classification:
+            return [names[i] for i in np.flatnonzero(row >= self.thresholds)]
+        return names[int(row.argmax())]
+
     def predict(
         self,
         texts: list[str] | list[tuple[str, str]] | str,
@@ -128,14 +135,7 @@ class TextClassifier:
             texts, pairs = [t[0] for t in texts], [t[1] for t in texts]  # type: ignore[index]
         probs = self.probabilities(self.logits(list(texts), pairs, batch_size, progress))  # type: ignore[arg-type]
         names = self.labels
-        results = []
-        for row in probs:
-            if self.problem_type == ProblemType.multi_label_classification:
-                label: str | list[str] = [names[i] for i in np.flatnonzero(row >= self.thresholds)]
-            else:
-                label = names[int(row.argmax())]
-            results.append(Prediction(label, {n: float(p) for n, p in zip(names, row, strict=True)}))
-        return results
+        return [Prediction(self.decide(row), {n: float(p) for n, p in zip(names, row, strict=True)}) for row in probs]
 
     def export(self, folder: str | os.PathLike) -> Path:
         """A Hugging Face folder (safetensors, tokenizer, id2label/label2id in config.json)."""
@@ -197,10 +197,11 @@ def predict_file(
     probs = classifier.probabilities(classifier.logits(texts, pairs, batch_size, progress))
     names = classifier.labels
     out = pd.DataFrame({f"prob_{name}": probs[:, i] for i, name in enumerate(names)})
+    decided = [classifier.decide(row) for row in probs]
     if classifier.problem_type == ProblemType.multi_label_classification:
-        out.insert(0, "labels", [",".join(names[i] for i in np.flatnonzero(r >= classifier.thresholds)) for r in probs])
+        out.insert(0, "labels", [",".join(labels) for labels in decided])
     else:
-        out.insert(0, "label", [names[i] for i in probs.argmax(axis=1)])
+        out.insert(0, "label", decided)
     suffix = input_file.suffix.lower() if input_file.suffix.lower() in (".csv", ".tsv", ".jsonl") else ".csv"
     output = Path(output_file) if output_file else input_file.with_name(f"{input_file.stem}.predictions{suffix}")
     fmt = output.suffix.lower()
