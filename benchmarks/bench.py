@@ -27,6 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def seconds_since_process_start() -> float:
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -67,8 +73,16 @@ def run_trainer(args: argparse.Namespace) -> dict:
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
+        TrainerCallback,
         TrainingArguments,
     )
+
+    class FirstStep(TrainerCallback):
+        seconds: float | None = None
+
+        def on_step_end(self, *_: object, **__: object) -> None:
+            if FirstStep.seconds is None:
+                FirstStep.seconds = seconds_since_process_start()
 
     from engine.config import bundled_minilm_path
 
@@ -101,7 +115,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
         learning_rate=args.lr,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps or -1,
-        warmup_ratio=0.1,
+        warmup_steps=0.1,
         weight_decay=0.01,
         seed=args.seed,
         report_to=[],
@@ -123,6 +137,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
         eval_dataset=dev_set,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=accuracy,
+        callbacks=[FirstStep()],
     )
     started = time.perf_counter()
     result = trainer.train()
@@ -142,6 +157,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
         "train_seconds": train_seconds,
         "steps": steps,
         "peak_rss_mb": peak_rss_mb(),
+        "startup_seconds": FirstStep.seconds,
     }
 
 
@@ -179,6 +195,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         "train_seconds": summary["wall_seconds"],
         "steps": summary["steps"],
         "peak_rss_mb": peak_rss_mb(),
+        "startup_seconds": summary["startup_seconds"],
     }
 
 
@@ -191,19 +208,97 @@ def non_embedding_parameters() -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
 
 
+LEVERS = [
+    # (row label, overrides added to the previous row's): each row keeps the levers above it.
+    (
+        "baseline: random batches, unsorted eval, fp32, per-tensor AdamW",
+        [
+            "data.group_by_length=false",
+            "data.sort_eval_by_length=false",
+            "trainer.mixed_precision=no",
+            "optim.fused=false",
+        ],
+    ),
+    ("+ fused AdamW", ["optim.fused=null"]),
+    ("+ length-grouped training batches", ["data.group_by_length=true"]),
+    ("+ length-sorted evaluation batches", ["data.sort_eval_by_length=true"]),
+    ("+ bf16 autocast", ["trainer.mixed_precision=bf16"]),
+    ("+ pad to a multiple of 8", ["data.pad_to_multiple_of=8"]),
+    ("+ torch.compile (length buckets of 32)", ["data.pad_to_multiple_of=null", "trainer.compile=true"]),
+]
+
+
+def child(args: argparse.Namespace, side: str, seed: int, ours: list[str]) -> dict:
+    """Run one side for one seed in a fresh process; its RESULT line, parsed."""
+    command = [
+        sys.executable,
+        __file__,
+        "--side",
+        side,
+        "--mode",
+        args.mode,
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--seeds",
+        str(seed),
+        "--ours",
+        *ours,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{side} (seed {seed}) failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    result = json.loads(line[len("RESULT ") :])
+    print(f"  {side} seed {seed} {' '.join(ours)}: {json.dumps(result)}", flush=True)
+    return result
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+ROWS = [
+    ("train samples/s", "train_samples_per_s", "{:.1f}"),
+    ("non-pad tokens/s", "tokens_per_s", "{:.0f}"),
+    ("eval samples/s", "eval_samples_per_s", "{:.1f}"),
+    ("dev accuracy", "dev_accuracy", "{:.4f}"),
+    ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+    ("start-up to first step s", "startup_seconds", "{:.1f}"),
+]
+
+
+def cell(runs: list[dict], key: str, fmt: str) -> str:
+    mean, std = mean_std([r[key] for r in runs])
+    return fmt.format(mean) + (f" ± {fmt.format(std)}" if len(runs) > 1 else "")
+
+
+def mean_of(runs: list[dict], key: str) -> float:
+    return mean_std([r[key] for r in runs])[0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["short", "full"], default="short")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16, help="both sides (16: the engine's default config)")
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: 42 (short), 42 43 44 (full)")
     parser.add_argument("--side", choices=["trainer", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--ours", nargs="*", default=[], help="extra overrides for our engine (a lever to try)")
+    parser.add_argument(
+        "--levers", action="store_true", help="instead: one row per speed lever, each added to the ones above"
+    )
     args = parser.parse_args()
     args.epochs = 3
     args.max_steps = 200 if args.mode == "short" else None
+    seeds = args.seeds or ([42] if args.mode == "short" else [42, 43, 44])
 
     if args.side:  # a child process: run one side and print its JSON
+        args.seed = seeds[0]
         result = run_trainer(args) if args.side == "trainer" else run_ours(args)
         print("RESULT " + json.dumps(result))
         return 0
@@ -212,54 +307,48 @@ def main() -> int:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; mode {args.mode}, batch {args.batch_size}, "
-        f"lr {args.lr}, seed {args.seed}, ours {' '.join(args.ours) or '(defaults)'}",
+        f"lr {args.lr}, seeds {seeds}, ours {' '.join(args.ours) or '(defaults)'}",
         flush=True,
     )
     peaks = {name: matmul_peak(name) for name in ("fp32", "bf16")}
-    results = {}
-    for side in ("trainer", "ours"):
-        command = [
-            sys.executable,
-            __file__,
-            "--side",
-            side,
-            "--mode",
-            args.mode,
-            "--batch-size",
-            str(args.batch_size),
-            "--lr",
-            str(args.lr),
-            "--seed",
-            str(args.seed),
-            "--ours",
-            *args.ours,
-        ]
-        done = subprocess.run(command, capture_output=True, text=True)
-        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
-            return 1
-        results[side] = json.loads(line[len("RESULT ") :])
-        print(f"{side}: {results[side]}", flush=True)
+    print(
+        f"matmul peak on this machine: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True
+    )
     flops_per_token = 6 * non_embedding_parameters()
-    rows = [
-        ("train samples/s", "train_samples_per_s", "{:.1f}"),
-        ("non-pad tokens/s", "tokens_per_s", "{:.0f}"),
-        ("eval samples/s", "eval_samples_per_s", "{:.1f}"),
-        ("dev accuracy", "dev_accuracy", "{:.4f}"),
-        ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
-    ]
-    print(f"\nmatmul peak on this machine: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
-    print("| metric | HF Trainer | ours | ours / Trainer |\n|---|---|---|---|")
-    for label, key, fmt in rows:
-        a, b = results["trainer"][key], results["ours"][key]
-        print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {b / a:.2f} |")
+
+    def flop_share(runs: list[dict]) -> str:
+        rate = flops_per_token * mean_of(runs, "tokens_per_s") / 1e9
+        return f"{rate:.0f} GFLOP/s = {100 * rate / peaks['bf16']:.0f}% of bf16 peak"
+
+    if args.levers:
+        trainer = [child(args, "trainer", seed, []) for seed in seeds]
+        rows, overrides = [], list(args.ours)
+        for label, extra in LEVERS:
+            overrides = overrides + extra
+            rows.append((label, [child(args, "ours", seed, overrides) for seed in seeds]))
+        base = mean_of(trainer, "train_samples_per_s"), mean_of(trainer, "eval_samples_per_s")
+        print("\n| configuration | train samples/s | × Trainer | eval samples/s | × Trainer | dev acc | FLOP rate |")
+        print("|---|---|---|---|---|---|---|")
+        for label, runs in [("HF Trainer (its defaults: fused AdamW, fp32)", trainer), *rows]:
+            train_rate, eval_rate = mean_of(runs, "train_samples_per_s"), mean_of(runs, "eval_samples_per_s")
+            print(
+                f"| {label} | {train_rate:.1f} | {train_rate / base[0]:.2f} | {eval_rate:.1f} | "
+                f"{eval_rate / base[1]:.2f} | {mean_of(runs, 'dev_accuracy'):.4f} | {flop_share(runs)} |"
+            )
+        return 0
+
+    results: dict[str, list[dict]] = {"trainer": [], "ours": []}
+    for seed in seeds:  # interleaved, so a slow spell of the machine hits both sides
+        for side in ("trainer", "ours"):
+            results[side].append(child(args, side, seed, args.ours))
+    n = len(seeds)
+    print(f"\n| metric (mean{' ± sd' if n > 1 else ''} of {n} seed(s)) | HF Trainer | ours | ours / Trainer |")
+    print("|---|---|---|---|")
+    for label, key, fmt in ROWS:
+        ratio = mean_of(results["ours"], key) / mean_of(results["trainer"], key)
+        print(f"| {label} | {cell(results['trainer'], key, fmt)} | {cell(results['ours'], key, fmt)} | {ratio:.2f} |")
     for side in ("trainer", "ours"):
-        rate = flops_per_token * results[side]["tokens_per_s"] / 1e9
-        print(
-            f"{side}: {rate:.0f} GFLOP/s on non-pad tokens (6 x non-embedding params) = "
-            f"{100 * rate / peaks['bf16']:.0f}% of the bf16 matmul peak, {100 * rate / peaks['fp32']:.0f}% of fp32"
-        )
+        print(f"{side}: {flop_share(results[side])} on non-pad tokens (6 x non-embedding params per token)")
     return 0
 
 

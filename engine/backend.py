@@ -35,6 +35,21 @@ def choose_backend(config: BackendConfig) -> BackendName:
     return BackendName.accelerate if launched_distributed() else BackendName.manual
 
 
+def resolve_mixed_precision(precision: MixedPrecision, device_type: str) -> MixedPrecision:
+    """``auto`` becomes bf16 where ``device_type`` has native bf16 arithmetic, else ``no``
+    (emulated bf16 is slower than fp32, and fp16 needs loss scaling: never chosen for you)."""
+    precision = MixedPrecision(precision)
+    if precision != MixedPrecision.auto:
+        return precision
+    if device_type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    elif device_type == "cpu":
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    else:
+        native = False
+    return MixedPrecision.bf16 if native else MixedPrecision.no
+
+
 def _autocast_dtype(precision: MixedPrecision) -> torch.dtype | None:
     return {MixedPrecision.bf16: torch.bfloat16, MixedPrecision.fp16: torch.float16}.get(precision)
 
@@ -77,7 +92,7 @@ class ManualBackend:
     def __init__(self, config: BackendConfig, mixed_precision: MixedPrecision) -> None:
         use_cuda = config.use_cuda and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
-        self.mixed_precision = MixedPrecision(mixed_precision)
+        self.mixed_precision = resolve_mixed_precision(mixed_precision, self.device.type)
         self._dtype = _autocast_dtype(self.mixed_precision)
         self._scaler = torch.amp.GradScaler(self.device.type) if self.mixed_precision == MixedPrecision.fp16 else None
         self._optimizers: list[_ScaledOptimizer] = []
@@ -162,9 +177,10 @@ class AccelerateBackend:
 
         # Without CUDA, cpu=True turns a multi-process launch into gloo DDP on the CPU.
         cpu = not (config.use_cuda and torch.cuda.is_available())
+        self.mixed_precision = resolve_mixed_precision(mixed_precision, "cpu" if cpu else "cuda")
         self.accelerator = Accelerator(
             cpu=cpu,
-            mixed_precision=MixedPrecision(mixed_precision).value,
+            mixed_precision=self.mixed_precision.value,
             # The loop builds the schedule for this process's own optimizer steps.
             step_scheduler_with_optimizer=False,
             dataloader_config=DataLoaderConfiguration(even_batches=True),

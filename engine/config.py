@@ -25,6 +25,7 @@ class ProblemType(str, Enum):
 
 
 class MixedPrecision(str, Enum):
+    auto = "auto"  # bf16 where the device computes it natively (AVX-512 bf16/AMX CPUs, Ampere+ GPUs), else no
     no = "no"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -92,6 +93,8 @@ class DataConfig:
     num_workers: int = 0
     # Batch training examples of similar length together (shuffled buckets): less padding.
     group_by_length: bool = True
+    # Evaluate in batches sorted by length (less padding); metrics and predictions keep file order.
+    sort_eval_by_length: bool = True
 
 
 @dataclass
@@ -102,7 +105,7 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_ratio: float = 0.1
     scheduler: str = "linear"
-    # null: fused AdamW on CUDA, the default kernel elsewhere
+    # null: the fused AdamW kernel wherever torch has one (CPU, CUDA), the per-tensor loop elsewhere
     fused: bool | None = None
 
 
@@ -120,7 +123,9 @@ class TrainerConfig:
     max_steps: int | None = None
     metric_for_best: str = "accuracy"
     greater_is_better: bool = True
-    mixed_precision: MixedPrecision = MixedPrecision.no
+    # auto: bf16 autocast where the device has native bf16 (this project's AVX-512 bf16 CPU: 2.2x
+    # the fp32 training throughput at the same dev accuracy, benchmarks/), else fp32.
+    mixed_precision: MixedPrecision = MixedPrecision.auto
     do_train: bool = True
     evaluate_test: bool = False
     progress: bool = True
@@ -131,6 +136,11 @@ class TrainerConfig:
     # A non-finite loss or gradient: skip the step, or stop the run. Too many skips stop it too.
     on_nonfinite: NonFinite = NonFinite.skip
     max_nonfinite: int = 10
+    # torch.compile the encoder. Batches are then padded to multiples of data.pad_to_multiple_of
+    # (32 when null), so each length bucket compiles once instead of every new batch length.
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None  # null | default | reduce-overhead | max-autotune
 
 
 @dataclass
@@ -288,6 +298,15 @@ def validate(cfg: DictConfig) -> Config:
         f"model.dropout must be in [0, 1) or null, got {typed.model.dropout}",
     )
     check(d.max_length >= 8, f"data.max_length must be >= 8, got {d.max_length}")
+    check(
+        d.pad_to_multiple_of is None or d.pad_to_multiple_of >= 1,
+        f"data.pad_to_multiple_of must be >= 1 or null, got {d.pad_to_multiple_of}",
+    )
+    check(
+        t.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        "trainer.compile_mode must be null, default, reduce-overhead, max-autotune or "
+        f"max-autotune-no-cudagraphs, got {t.compile_mode!r}",
+    )
     check(d.quoting in ("minimal", "none"), f"data.quoting must be 'minimal' or 'none', got {d.quoting!r}")
     check(
         d.format is None or d.format in ("csv", "tsv", "json", "jsonl", "parquet"),

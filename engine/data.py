@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler
 
 from engine.config import DataConfig, ProblemType
 from engine.errors import EngineError
@@ -466,6 +466,22 @@ class LengthSortedSampler(Sampler[int]):
         return len(self.order)
 
 
+def row_order(loader: DataLoader) -> np.ndarray:
+    """The data set row behind each position of the loader's (gathered) output.
+
+    Take it before ``backend.prepare``: Accelerate shards batches round-robin and
+    ``gather_for_metrics`` puts them back in this same order.
+    """
+    return np.fromiter(iter(loader.sampler), dtype=np.int64, count=len(loader.sampler))
+
+
+def restore_order(order: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Put arrays that follow ``order`` back in data set row order."""
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return [array[inverse] for array in arrays]
+
+
 @dataclass
 class DataBundle:
     labels: LabelSpace
@@ -596,10 +612,13 @@ def format_preflight(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def make_collator(tokenizer: Any, data: DataConfig):
+def make_collator(tokenizer: Any, data: DataConfig, pad_to_multiple_of: int | None = None):
+    """Dynamic padding to the longest row of each batch, rounded up to ``pad_to_multiple_of``
+    (default ``data.pad_to_multiple_of``; a compiled model passes its bucket size)."""
     from transformers import DataCollatorWithPadding
 
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=data.pad_to_multiple_of, return_tensors="pt")
+    multiple = pad_to_multiple_of or data.pad_to_multiple_of
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, return_tensors="pt")
 
 
 def train_loader(
@@ -626,11 +645,16 @@ def train_loader(
     return loader, shuffler
 
 
-def eval_loader(dataset: Any, batch_size: int, collator: Any, num_workers: int = 0):
-    lengths = [len(ids) for ids in dataset["input_ids"]]
+def eval_loader(dataset: Any, batch_size: int, collator: Any, num_workers: int = 0, sort_by_length: bool = True):
+    """Evaluation batches, longest rows first when ``sort_by_length`` (see :func:`row_order`)."""
+    sampler: Sampler[int]
+    if sort_by_length:
+        sampler = LengthSortedSampler([len(ids) for ids in dataset["input_ids"]])
+    else:
+        sampler = SequentialSampler(range(len(dataset)))
     return DataLoader(
         dataset,
-        sampler=LengthSortedSampler(lengths),
+        sampler=sampler,
         batch_size=batch_size,
         collate_fn=collator,
         num_workers=num_workers,

@@ -25,9 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from engine import checkpoint, resume, tracking
 from engine.backend import Backend, make_backend
 from engine.config import Config, MixedPrecision, NonFinite, OptimConfig, ProblemType, validate
-from engine.data import eval_loader, format_preflight, load_data, make_collator, train_loader
+from engine.data import eval_loader, format_preflight, load_data, make_collator, restore_order, row_order, train_loader
 from engine.errors import EngineError
-from engine.metrics import compute_metrics, confusion, per_class_report, sigmoid, tune_thresholds
+from engine.metrics import compute_metrics, confusion, load_metric, per_class_report, sigmoid, tune_thresholds
 from engine.model import (
     build_model,
     init_bias_from_priors,
@@ -95,6 +95,17 @@ def _discard_stray_run_dir(folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def fused_adamw_supported(device: torch.device) -> bool:
+    """Whether this torch has a fused AdamW kernel for ``device`` (CPU and CUDA since torch 2.4).
+
+    On this project's 2-core CPU the fused step over MiniLM's 22.7M parameters takes 14 ms
+    against 83 ms for the default per-tensor loop (the Trainer's default is fused too).
+    """
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return device.type in _get_fused_kernels_supported_devices()
+
+
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on weight matrices only (not biases, not LayerNorm)."""
     decay, no_decay = [], []
@@ -105,7 +116,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.de
             no_decay.append(parameter)
         else:
             decay.append(parameter)
-    fused = optim.fused if optim.fused is not None else device.type == "cuda"
+    fused = optim.fused if optim.fused is not None else fused_adamw_supported(device)
     return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": optim.weight_decay},
@@ -116,6 +127,26 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.de
         eps=optim.eps,
         fused=fused or None,
     )
+
+
+def compile_model(classifier: torch.nn.Module, config: Config) -> int:
+    """``trainer.compile``: compile the encoder in place (its ``state_dict`` keys stay plain);
+    returns the padding bucket, so there is one compiled graph per bucket rather than per length."""
+    import torch._dynamo
+
+    bucket = config.data.pad_to_multiple_of or 32
+    # Graphs: each bucket, full and last partial batch, in training and in eval mode.
+    buckets = math.ceil(config.data.max_length / bucket)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * buckets + 4)
+    options = {"mode": config.trainer.compile_mode} if config.trainer.compile_mode else {}
+    classifier.hf_model.compile(backend=config.trainer.compile_backend, dynamic=False, **options)
+    log.info(
+        "torch.compile (backend %s): batches padded to multiples of %d, up to %d length buckets",
+        config.trainer.compile_backend,
+        bucket,
+        buckets,
+    )
+    return bucket
 
 
 def micro_batch_groups(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
@@ -163,8 +194,13 @@ def evaluate(
     backend: Backend,
     problem_type: ProblemType,
     progress: bool = False,
+    order: np.ndarray | None = None,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Loss and metrics over every sample of ``loader``, gathered from all processes exactly once."""
+    """Loss and metrics over every sample of ``loader``, gathered from all processes exactly once.
+
+    Logits and labels come back in data set row order when ``order`` (:func:`engine.data.row_order`
+    of the unprepared loader) is given, whatever order the batches ran in.
+    """
     from tqdm.auto import tqdm
 
     classifier = backend.unwrap_model(model)
@@ -181,6 +217,8 @@ def evaluate(
     labels = torch.cat(all_labels)
     loss = classifier.loss_from_logits(logits, labels)
     logits_np, labels_np = logits.cpu().numpy(), labels.cpu().numpy()
+    if order is not None:
+        logits_np, labels_np = restore_order(order, logits_np, labels_np)
     metrics = {"loss": float(loss), **compute_metrics(logits_np, labels_np, problem_type)}
     metrics["samples"] = int(labels_np.shape[0])
     metrics["samples_per_s"] = metrics["samples"] / max(time.perf_counter() - started, 1e-9)
@@ -204,7 +242,13 @@ def evaluate_checkpoint(config: Config, backend: Backend, run_dir: Path) -> floa
     config.data.problem_type = problem_type
     with backend.main_process_first():
         data = load_data(config.data, tokenizer, with_train=False, label_names=names)
-    loader = eval_loader(data.eval, config.trainer.eval_batch_size, make_collator(tokenizer, config.data))
+    loader = eval_loader(
+        data.eval,
+        config.trainer.eval_batch_size,
+        make_collator(tokenizer, config.data),
+        config.data.num_workers,
+        config.data.sort_eval_by_length,
+    )
     model, loader = backend.prepare(ClassifierWithLoss(hf_model, problem_type), loader)
     metrics, _, _ = evaluate(model, loader, backend, problem_type, config.trainer.progress)
     result = {
@@ -258,11 +302,12 @@ def fit(config: Config, backend: Backend) -> float:
     run_dir = resolve_run_dir(config, backend)
     tracking.setup_logging(run_dir, backend.is_main_process)
     log.info(
-        "run dir %s | backend %s | %d process(es) | device %s",
+        "run dir %s | backend %s | %d process(es) | device %s | mixed precision %s",
         run_dir,
         backend.name,
         backend.num_processes,
         backend.device,
+        backend.mixed_precision.value,
     )
     seed_everything(config.seed)
     if not t.do_train:
@@ -295,8 +340,13 @@ def fit(config: Config, backend: Backend) -> float:
     if config.model.init_bias_from_priors and init_bias_from_priors(model, data.train_label_counts, len(data.train)):
         log.info("output bias initialised to the labels' log prior odds (multi-label, no pos_weight)")
 
-    collator = make_collator(tokenizer, config.data)
-    dev_loader = eval_loader(data.eval, t.eval_batch_size, collator, config.data.num_workers)
+    load_metric(labels.problem_type)  # once, at set-up: not inside the first evaluation's time
+    bucket = compile_model(model, config) if t.compile else None
+    collator = make_collator(tokenizer, config.data, bucket)
+    dev_loader = eval_loader(
+        data.eval, t.eval_batch_size, collator, config.data.num_workers, config.data.sort_eval_by_length
+    )
+    dev_order = row_order(dev_loader)
     train_dl, shuffler = train_loader(
         data.train, t.batch_size, config.seed, collator, config.data.num_workers, config.data.group_by_length
     )
@@ -342,7 +392,7 @@ def fit(config: Config, backend: Backend) -> float:
 
     def evaluate_and_keep_best(epoch: int, step: int) -> dict[str, float]:
         nonlocal best_predictions
-        metrics, logits, gold = evaluate(model, dev_loader, backend, labels.problem_type, t.progress)
+        metrics, logits, gold = evaluate(model, dev_loader, backend, labels.problem_type, t.progress, dev_order)
         if t.metric_for_best not in metrics:
             raise EngineError(
                 f"trainer.metric_for_best={t.metric_for_best!r} is not computed; choose one of {sorted(metrics)}"
@@ -401,6 +451,7 @@ def fit(config: Config, backend: Backend) -> float:
         # Last, so the resumed run draws the same dropout masks as the uninterrupted one.
         checkpoint.restore_rng(parts["rng"])
     window_start = time.perf_counter()
+    startup_seconds: float | None = None
     bar = tqdm(
         total=total_steps,
         initial=progress.global_step,
@@ -423,7 +474,7 @@ def fit(config: Config, backend: Backend) -> float:
                 grad_norm = backend.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
                 # One decision on every rank: the gradients are all-reduced, the losses are not.
                 finite = bool(torch.isfinite(step_loss)) and (
-                    bool(torch.isfinite(grad_norm)) or t.mixed_precision == MixedPrecision.fp16
+                    bool(torch.isfinite(grad_norm)) or backend.mixed_precision == MixedPrecision.fp16
                 )
                 if backend.any_process(not finite):
                     optimizer.zero_grad(set_to_none=True)
@@ -443,6 +494,9 @@ def fit(config: Config, backend: Backend) -> float:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if startup_seconds is None:
+                    startup_seconds = seconds_since_process_start()
+                    log.info("first optimizer step done %.1f s after the process started", startup_seconds)
                 progress.global_step += 1
                 progress.step_in_epoch += 1
                 step = progress.global_step
@@ -525,8 +579,14 @@ def fit(config: Config, backend: Backend) -> float:
         best_weights = checkpoint.load_weights(run_dir / checkpoint.BEST_WEIGHTS) if backend.is_main_process else None
         best_weights = backend.broadcast_object(best_weights)
         classifier.hf_model.load_state_dict(best_weights)
-        test_loader = backend.prepare(eval_loader(data.test, t.eval_batch_size, collator))[0]
-        test_metrics, test_logits, test_gold = evaluate(model, test_loader, backend, labels.problem_type, t.progress)
+        test_loader = eval_loader(
+            data.test, t.eval_batch_size, collator, config.data.num_workers, config.data.sort_eval_by_length
+        )
+        test_order = row_order(test_loader)
+        test_loader = backend.prepare(test_loader)[0]
+        test_metrics, test_logits, test_gold = evaluate(
+            model, test_loader, backend, labels.problem_type, t.progress, test_order
+        )
         if thresholds is not None:
             tuned = compute_metrics(test_logits, test_gold, labels.problem_type, threshold=thresholds["per_label"])
             test_metrics.update({f"{k}_tuned": v for k, v in tuned.items()})
@@ -567,6 +627,7 @@ def fit(config: Config, backend: Backend) -> float:
             "steps": global_step,
             "test": test_metrics,
             "wall_seconds": time.perf_counter() - started,
+            "startup_seconds": startup_seconds,
             "train_samples_per_s": train_samples / max(train_seconds, 1e-9),
             "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
             "processes": backend.num_processes,
@@ -577,6 +638,13 @@ def fit(config: Config, backend: Backend) -> float:
         log.info("%s", tracking.format_summary(summary))
     backend.wait_for_everyone()
     return float(best_value)
+
+
+def seconds_since_process_start() -> float:
+    """Wall time since this process started (imports included): the start-up figure."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 def _version(package: str) -> str:

@@ -228,7 +228,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     lines += [
         f"  wall time {summary['wall_seconds']:.1f} s | training {summary['train_samples_per_s']:.1f} samples/s, "
-        f"{summary['train_tokens_per_s']:.0f} tokens/s on {summary['processes']} process(es)",
+        f"{summary['train_tokens_per_s']:.0f} tokens/s on {summary['processes']} process(es)"
+        + (
+            f" | first step {summary['startup_seconds']:.1f} s after start"
+            if summary.get("startup_seconds") is not None
+            else ""
+        ),
         f"  files in {summary['run_dir']}: {', '.join(summary['files'])}",
     ]
     return "\n".join(lines)

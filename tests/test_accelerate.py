@@ -90,6 +90,10 @@ def test_bf16_run_on_cpu_is_finite_and_close_to_fp32(make_cfg, tmp_path):
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in bf16)
     assert [s["loss"] for s in bf16] == pytest.approx([s["loss"] for s in fp32], abs=0.05)
     assert _lines(tmp_path / "bf16m" / "train_steps.jsonl")[0]["loss"] == pytest.approx(bf16[0]["loss"], abs=1e-3)
+    # The dev metric too: same loss to 0.02, accuracy within one of the 40 dev rows.
+    (dev_bf16,), (dev_fp32,) = _lines(tmp_path / "bf16" / "metrics.jsonl"), _lines(tmp_path / "fp32" / "metrics.jsonl")
+    assert dev_bf16["loss"] == pytest.approx(dev_fp32["loss"], abs=0.02)
+    assert abs(dev_bf16["accuracy"] - dev_fp32["accuracy"]) <= 1 / 40 + 1e-9
 
 
 @pytest.mark.slow

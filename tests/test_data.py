@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from transformers import AutoTokenizer
@@ -13,12 +14,15 @@ from engine.config import DataConfig, ProblemType, bundled_minilm_path
 from engine.data import (
     DataError,
     EpochShuffleSampler,
+    LengthGroupedBatchSampler,
     build_label_space,
     encode_labels,
     eval_loader,
     load_data,
     make_collator,
     read_raw_splits,
+    restore_order,
+    row_order,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,3 +190,50 @@ def test_eval_loader_sees_every_row_once(tokenizer, tmp_path):
     seen = sum(batch["labels"].shape[0] for batch in loader)
     assert seen == 37
     assert sorted(loader.sampler) == list(range(37))
+
+
+def test_length_grouped_batches_cover_every_index_once_and_change_with_epoch():
+    lengths = [(i * 37) % 101 + 5 for i in range(1000)]
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=16, seed=3, group_batches=10)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 63  # ceil(1000 / 16)
+        flat = [i for batch in batches for i in batch]
+        assert sorted(flat) == list(range(1000))  # every index exactly once
+        epochs.append(batches)
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert {tuple(b) for b in epochs[0]} != {tuple(b) for b in epochs[1]}  # other batch members, not just order
+    sampler.set_epoch(1)
+    assert list(sampler) == epochs[1]  # a function of (seed, epoch)
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    random_batches = [list(range(k, min(k + 16, 1000))) for k in range(0, 1000, 16)]
+    assert padding(epochs[0]) < padding(random_batches) / 5
+    # Still shuffled: consecutive batches are not sorted by length across the epoch.
+    heads = [max(lengths[i] for i in b) for b in epochs[0]]
+    assert heads != sorted(heads) and heads != sorted(heads, reverse=True)
+
+
+def test_eval_loader_sorted_or_in_file_order(tokenizer, tmp_path):
+    bundle = load_data(mrpc_config(max_train_samples=10, max_eval_samples=37, cache_dir=str(tmp_path)), tokenizer)
+    collator = make_collator(tokenizer, mrpc_config())
+    lengths = [len(ids) for ids in bundle.eval["input_ids"]]
+    sorted_order = row_order(eval_loader(bundle.eval, 8, collator))
+    assert [lengths[i] for i in sorted_order] == sorted(lengths, reverse=True)
+    assert row_order(eval_loader(bundle.eval, 8, collator, sort_by_length=False)).tolist() == list(range(37))
+    labels = np.asarray(bundle.eval["labels"])
+    in_loader_order = np.concatenate([b["labels"].numpy() for b in eval_loader(bundle.eval, 8, collator)])
+    (restored,) = restore_order(sorted_order, in_loader_order)
+    assert restored.tolist() == labels.tolist()
+
+
+def test_collator_pads_to_the_bucket(tokenizer, tmp_path):
+    bundle = load_data(mrpc_config(max_train_samples=10, max_eval_samples=37, cache_dir=str(tmp_path)), tokenizer)
+    widths = {b["input_ids"].shape[1] for b in eval_loader(bundle.eval, 8, make_collator(tokenizer, mrpc_config(), 32))}
+    assert widths <= {32, 64, 96, 128} and widths
+    eight = make_collator(tokenizer, mrpc_config(pad_to_multiple_of=8))
+    assert all(b["input_ids"].shape[1] % 8 == 0 for b in eval_loader(bundle.eval, 8, eight))

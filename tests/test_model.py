@@ -146,3 +146,15 @@ def test_multi_label_bias_starts_at_the_prior_log_odds():
     weighted = tiny(num_labels=3, problem=ProblemType.multi_label_classification, weights=[9.0, 1.0, 99.0])
     assert not init_bias_from_priors(weighted, [10, 50, 1], 100)  # pos_weight moves the optimum: leave it
     assert not init_bias_from_priors(tiny(num_labels=3), [10, 50, 1], 100)  # single-label: untouched
+
+
+def test_auto_mixed_precision_is_bf16_only_where_native():
+    from engine.backend import resolve_mixed_precision
+
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_mixed_precision(MixedPrecision.auto, "cpu") == (MixedPrecision.bf16 if native else MixedPrecision.no)
+    assert resolve_mixed_precision(MixedPrecision.auto, "mps") == MixedPrecision.no
+    for explicit in (MixedPrecision.no, MixedPrecision.bf16, MixedPrecision.fp16):
+        assert resolve_mixed_precision(explicit, "cpu") == explicit
+    backend = ManualBackend(BackendConfig(use_cuda=False), MixedPrecision.auto)
+    assert backend.mixed_precision == resolve_mixed_precision(MixedPrecision.auto, "cpu")

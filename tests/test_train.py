@@ -37,6 +37,10 @@ def test_tiny_run_writes_every_file_and_returns_the_best(make_cfg, tmp_path):
     assert info["config"]["model"]["name"] == "tiny"
     assert info["step"] in {e["step"] for e in evals if e["is_best"]}
     assert "eval epoch 1 step 16" in (run / "train.log").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    # Start-up (imports, config, data, model) up to the first optimizer step, from process start.
+    assert 0 < summary["startup_seconds"] < summary["wall_seconds"] + 600
+    assert "first optimizer step done" in (run / "train.log").read_text()
 
 
 def test_warmup_then_linear_decay(make_cfg, tmp_path):
@@ -54,6 +58,7 @@ def test_seed_recipe_reproduces_the_stored_dev_metric(make_cfg, tmp_path):
     train(
         make_cfg(
             "model=minilm",
+            "trainer.mixed_precision=no",  # the plain fp32 re-evaluation below must match exactly
             "trainer.max_steps=3",
             "trainer.batch_size=8",
             "trainer.progress=false",
@@ -134,3 +139,99 @@ def test_cli_offline_hub_model_fails_fast_with_one_clear_message(tmp_path, offli
     assert "cannot load model 'bert-base-uncased'" in result.stderr
     assert "model=minilm" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sorted_evaluation_returns_predictions_in_file_order(tmp_path):
+    """evaluate() runs the longest rows first but hands back logits and labels row by row."""
+    from transformers import AutoTokenizer
+
+    from engine.backend import ManualBackend
+    from engine.config import BackendConfig, DataConfig, MixedPrecision, ModelConfig, ProblemType
+    from engine.data import eval_loader, load_data, make_collator, row_order
+    from engine.loop import evaluate
+    from engine.model import build_model
+
+    mrpc = ROOT / "data" / "mrpc"
+    data_cfg = DataConfig(
+        train_file=str(mrpc / "train.tsv"),
+        validation_file=str(mrpc / "dev.tsv"),
+        format="tsv",
+        quoting="none",
+        text_column="#1 String",
+        text_pair_column="#2 String",
+        label_column="Quality",
+        label_names=["not_equivalent", "equivalent"],
+        max_train_samples=8,
+        max_eval_samples=45,
+        cache_dir=str(tmp_path),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(bundled_minilm_path())
+    bundle = load_data(data_cfg, tokenizer)
+    torch.manual_seed(0)
+    tiny = ModelConfig(
+        name="tiny",
+        source=bundled_minilm_path(),
+        pretrained=False,
+        config_overrides={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+    )
+    model = build_model(tiny, 2, {0: "a", 1: "b"}, ProblemType.single_label_classification, None)
+    backend = ManualBackend(BackendConfig(use_cuda=False), MixedPrecision.no)
+    collator = make_collator(tokenizer, data_cfg)
+    single = ProblemType.single_label_classification
+
+    sorted_loader = eval_loader(bundle.eval, 8, collator)
+    order = row_order(sorted_loader)
+    assert order.tolist() != list(range(45))  # the batches really run in another order
+    metrics, logits, labels = evaluate(model, sorted_loader, backend, single, order=order)
+    plain = eval_loader(bundle.eval, 8, collator, sort_by_length=False)
+    metrics_plain, logits_plain, labels_plain = evaluate(model, plain, backend, single)
+    assert labels.tolist() == labels_plain.tolist() == list(bundle.eval["labels"])
+    np.testing.assert_allclose(logits, logits_plain, atol=1e-5)
+    # One row at a time, no padding at all: the same logits.
+    model.eval()
+    with torch.inference_mode():
+        for row in (0, 17, 44):
+            ids = bundle.eval[row]
+            single_row = {k: torch.tensor([ids[k]]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+            np.testing.assert_allclose(model(**single_row).logits[0].numpy(), logits[row], atol=1e-5)
+    assert metrics["accuracy"] == metrics_plain["accuracy"]
+
+
+def test_fused_adamw_wherever_torch_has_it(make_cfg):
+    from engine.config import OptimConfig
+    from engine.loop import build_optimizer
+
+    layer = torch.nn.Linear(4, 2)
+    assert build_optimizer(layer, OptimConfig(), torch.device("cpu")).defaults["fused"] is True
+    assert not build_optimizer(layer, OptimConfig(fused=False), torch.device("cpu")).defaults["fused"]
+
+
+def test_compiled_run_keeps_a_plain_checkpoint_and_bucketed_shapes(make_cfg, tmp_path):
+    """trainer.compile=true: the encoder is compiled in place, batches padded to length buckets, and
+    best_acc_classify.pth has the plain transformers keys (no _orig_mod.)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    # The "eager" dynamo backend traces like inductor does but skips code generation: fast enough here.
+    train(make_cfg(*TINY, "trainer.compile=true", "trainer.compile_backend=eager", "data.pad_to_multiple_of=16"))
+    run = tmp_path / "run"
+    log_text = (run / "train.log").read_text()
+    assert "torch.compile (backend eager): batches padded to multiples of 16" in log_text
+    state = torch.load(run / "best_acc_classify.pth", weights_only=True)
+    assert not any("_orig_mod" in key for key in state)
+    info = json.loads((run / "best_acc_classify.json").read_text())
+    config = AutoConfig.from_pretrained(
+        bundled_minilm_path(), num_labels=2, **info["config"]["model"]["config_overrides"]
+    )
+    plain = AutoModelForSequenceClassification.from_config(config)
+    plain.load_state_dict(state)  # strict: every key matches
+    steps = [json.loads(line) for line in (run / "train_steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 8 and all(np.isfinite(s["loss"]) for s in steps)
+
+
+def test_compile_mode_is_checked(make_cfg):
+    from engine.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="trainer.compile_mode must be .* got 'fastest'"):
+        validate(make_cfg(*TINY, "trainer.compile_mode=fastest"))
+    with pytest.raises(ConfigError, match="data.pad_to_multiple_of must be >= 1 or null, got 0"):
+        validate(make_cfg(*TINY, "data.pad_to_multiple_of=0"))
