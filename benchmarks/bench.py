@@ -1,12 +1,14 @@
 """Side-by-side benchmark: the Hugging Face Trainer and this engine on the same job.
 
-    python benchmarks/bench.py --mode short      # a few hundred steps each
-    python benchmarks/bench.py --mode full       # 3 epochs each (the issue's figure)
+    python benchmarks/bench.py --mode short            # 200 steps a side, seed 42
+    python benchmarks/bench.py --mode full             # 3 epochs a side, seeds 42 43 44
+    python benchmarks/bench.py --mode short --levers   # one row per speed lever, added in turn
 
 Same model (the bundled MiniLM), data (MRPC), batch size, learning rate, epochs and
-seed. Each side runs in its own process (so peak RSS is its own); this machine's
-fp32 and bf16 matmul rates are measured in the same run. Prints one table with the
-ratio ours / Trainer. Not a test: nothing here asserts a speed.
+seed. Each side runs in its own process (so peak RSS is its own), seed by seed in turn;
+this machine's fp32 and bf16 matmul rates are measured in the same run. Prints one
+table (mean ± sd over the seeds) with the ratio ours / Trainer. Not a test: nothing
+here asserts a speed.
 """
 
 from __future__ import annotations

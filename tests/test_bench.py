@@ -1,0 +1,35 @@
+"""The benchmark is not a test (no timings here); these check it still drives the current config."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from engine.config import MixedPrecision, validate
+from tests.conftest import ROOT
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_lever_row_is_a_valid_config(make_cfg):
+    bench = _bench()
+    overrides: list[str] = []
+    seen = []
+    for _label, extra in bench.LEVERS:
+        overrides = overrides + extra
+        config = validate(make_cfg(*overrides))
+        seen.append((config.data.group_by_length, config.trainer.mixed_precision, config.trainer.compile))
+    # The baseline switches every lever off; the last row has them all on.
+    assert seen[0] == (False, MixedPrecision.no, False)
+    assert seen[-1] == (True, MixedPrecision.bf16, True)
+
+
+def test_mean_and_sd_over_seeds():
+    bench = _bench()
+    assert bench.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert bench.cell([{"x": 2.0}, {"x": 4.0}], "x", "{:.1f}") == "3.0 ± 1.4"
+    assert bench.cell([{"x": 2.0}], "x", "{:.1f}") == "2.0"
