@@ -42,7 +42,10 @@ def resolve_mixed_precision(precision: MixedPrecision, device_type: str) -> Mixe
     if precision != MixedPrecision.auto:
         return precision
     if device_type == "cuda":
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.4 has no emulation to exclude
+            native = torch.cuda.is_bf16_supported()
     elif device_type == "cpu":
         native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     else:
