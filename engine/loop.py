@@ -279,23 +279,41 @@ def _format(metrics: dict[str, float]) -> str:
 # ---------------------------------------------------------------------------
 
 
+_runs_in_this_process = 0
+
+
+def startup_origin() -> tuple[float, str]:
+    """Where start-up is counted from: the process start for a process's first run (``python
+    train.py``), this call for any later one (the next job of a multirun, a notebook)."""
+    global _runs_in_this_process
+    _runs_in_this_process += 1
+    if _runs_in_this_process == 1:
+        import psutil
+
+        return psutil.Process().create_time(), "the process started"
+    return time.time(), "train() was called"
+
+
 def train(cfg: DictConfig | Config) -> float:
     """Fine-tune, evaluate and keep the best checkpoint; return the best dev metric."""
+    origin = startup_origin()
     config = validate(cfg) if isinstance(cfg, DictConfig) else cfg
     backend = make_backend(config.backend, config.trainer.mixed_precision)
     try:
-        return fit(config, backend)
+        return fit(config, backend, origin)
     finally:
         tracking.close_logging()
         backend.end()
 
 
-def fit(config: Config, backend: Backend) -> float:
-    """The run itself, on a backend that is already set up."""
+def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = None) -> float:
+    """The run itself, on a backend that is already set up; ``origin`` (a time and its name)
+    is where the logged start-up time counts from (default: this call)."""
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     started = time.perf_counter()
+    started_at, started_what = origin or (time.time(), "fit() was called")
     resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     t = config.trainer
 
@@ -495,8 +513,8 @@ def fit(config: Config, backend: Backend) -> float:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if startup_seconds is None:
-                    startup_seconds = seconds_since_process_start()
-                    log.info("first optimizer step done %.1f s after the process started", startup_seconds)
+                    startup_seconds = time.time() - started_at
+                    log.info("first optimizer step done %.1f s after %s", startup_seconds, started_what)
                 progress.global_step += 1
                 progress.step_in_epoch += 1
                 step = progress.global_step
@@ -638,13 +656,6 @@ def fit(config: Config, backend: Backend) -> float:
         log.info("%s", tracking.format_summary(summary))
     backend.wait_for_everyone()
     return float(best_value)
-
-
-def seconds_since_process_start() -> float:
-    """Wall time since this process started (imports included): the start-up figure."""
-    import psutil
-
-    return time.time() - psutil.Process().create_time()
 
 
 def _version(package: str) -> str:
