@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -151,6 +152,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     metrics = trainer.evaluate()
     eval_seconds = time.perf_counter() - started
+    shutil.rmtree(out, ignore_errors=True)
     return {
         "train_samples_per_s": samples / train_seconds,
         "tokens_per_s": tokens / train_seconds,
@@ -189,6 +191,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     train(cfg)
     summary = json.loads((out / "summary.json").read_text())
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out, ignore_errors=True)  # a run dir with a checkpoint per seed and lever otherwise
     return {
         "train_samples_per_s": summary["train_samples_per_s"],
         "tokens_per_s": summary["train_tokens_per_s"],
