@@ -154,35 +154,16 @@ def test_sorted_evaluation_returns_predictions_in_file_order(tmp_path):
     from transformers import AutoTokenizer
 
     from engine.backend import ManualBackend
-    from engine.config import BackendConfig, DataConfig, MixedPrecision, ModelConfig, ProblemType
+    from engine.config import BackendConfig, MixedPrecision, ProblemType
     from engine.data import eval_loader, load_data, make_collator, row_order
     from engine.loop import evaluate
-    from engine.model import build_model
+    from tests.test_data import mrpc_config
+    from tests.test_model import tiny
 
-    mrpc = ROOT / "data" / "mrpc"
-    data_cfg = DataConfig(
-        train_file=str(mrpc / "train.tsv"),
-        validation_file=str(mrpc / "dev.tsv"),
-        format="tsv",
-        quoting="none",
-        text_column="#1 String",
-        text_pair_column="#2 String",
-        label_column="Quality",
-        label_names=["not_equivalent", "equivalent"],
-        max_train_samples=8,
-        max_eval_samples=45,
-        cache_dir=str(tmp_path),
-    )
+    data_cfg = mrpc_config(max_train_samples=8, max_eval_samples=45, cache_dir=str(tmp_path))
     tokenizer = AutoTokenizer.from_pretrained(bundled_minilm_path())
     bundle = load_data(data_cfg, tokenizer)
-    torch.manual_seed(0)
-    tiny = ModelConfig(
-        name="tiny",
-        source=bundled_minilm_path(),
-        pretrained=False,
-        config_overrides={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
-    )
-    model = build_model(tiny, 2, {0: "a", 1: "b"}, ProblemType.single_label_classification, None)
+    model = tiny(num_labels=2)
     backend = ManualBackend(BackendConfig(use_cuda=False), MixedPrecision.no)
     collator = make_collator(tokenizer, data_cfg)
     single = ProblemType.single_label_classification
