@@ -27,6 +27,8 @@ from engine.backend import Backend, make_backend
 from engine.config import Config, MixedPrecision, NonFinite, OptimConfig, ProblemType, validate
 from engine.data import eval_loader, format_preflight, load_data, make_collator, restore_order, row_order, train_loader
 from engine.errors import EngineError
+from engine.fast_dropout import enable_fast_dropout, use_fast_dropout
+from engine.fused_inference import enable_fused_inference, use_fused_inference
 from engine.metrics import compute_metrics, confusion, load_metric, per_class_report, sigmoid, tune_thresholds
 from engine.model import (
     build_model,
@@ -149,6 +151,14 @@ def compile_model(classifier: torch.nn.Module, config: Config) -> int:
     return bucket
 
 
+def fuse_inference_linears(hf_model: torch.nn.Module, config: Config, backend: Backend) -> None:
+    """``trainer.fused_inference``: bias and GELU inside the matmul for CPU bf16 evaluation."""
+    bf16 = backend.mixed_precision == MixedPrecision.bf16
+    if use_fused_inference(config.trainer.fused_inference, backend.device, bf16, config.trainer.compile):
+        linears, gelus = enable_fused_inference(hf_model)
+        log.info("fused inference: %d linear layers, %d GELUs folded into them (CPU bf16 evaluation)", linears, gelus)
+
+
 def micro_batch_groups(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Yield lists of ``size`` consecutive batches (the last may be shorter): one optimizer step each."""
     group: list[dict[str, torch.Tensor]] = []
@@ -237,6 +247,7 @@ def evaluate_checkpoint(config: Config, backend: Backend, run_dir: Path) -> floa
     weights_path, info_path = locate(config.checkpoint)
     info = checkpoint.load_info(info_path)
     hf_model = load_hf_model(weights_path, info)
+    fuse_inference_linears(hf_model, config, backend)
     problem_type = ProblemType(info["problem_type"])
     names = [info["id2label"][str(i)] for i in range(info["num_labels"])]
     tokenizer = AutoTokenizer.from_pretrained(info.get("tokenizer") or info["model_source"])
@@ -359,6 +370,10 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
     if config.model.init_bias_from_priors and init_bias_from_priors(model, data.train_label_counts, len(data.train)):
         log.info("output bias initialised to the labels' log prior odds (multi-label, no pos_weight)")
 
+    if use_fast_dropout(t.fast_dropout, backend.device, t.compile):
+        swapped = enable_fast_dropout(model.hf_model)
+        log.info("fast dropout: %d dropout modules, attention %s", swapped, model.hf_model.config._attn_implementation)
+    fuse_inference_linears(model.hf_model, config, backend)
     bucket = compile_model(model, config) if t.compile else None
     collator = make_collator(tokenizer, config.data, bucket)
     dev_loader = eval_loader(

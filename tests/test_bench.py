@@ -22,10 +22,11 @@ def test_every_lever_row_is_a_valid_config(make_cfg):
     for _label, extra in bench.LEVERS:
         overrides = overrides + extra
         config = validate(make_cfg(*overrides))
-        seen.append((config.data.group_by_length, config.trainer.mixed_precision, config.trainer.compile))
+        t = config.trainer
+        seen.append((config.data.group_by_length, t.mixed_precision, t.fast_dropout is not False, t.compile))
     # The baseline switches every lever off; the last row has them all on.
-    assert seen[0] == (False, MixedPrecision.no, False)
-    assert seen[-1] == (True, MixedPrecision.bf16, True)
+    assert seen[0] == (False, MixedPrecision.no, False, False)
+    assert seen[-1] == (True, MixedPrecision.bf16, True, True)
 
 
 def test_mean_and_sd_over_seeds():
