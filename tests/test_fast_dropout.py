@@ -94,6 +94,27 @@ def test_attention_equals_the_formula_with_the_same_mask():
     assert torch.allclose(sdpa_fast_dropout_attention(module, q, k, v, mask, dropout=0.0)[0], expected, atol=1e-6)
 
 
+def test_attention_under_bf16_autocast_is_computed_in_float32_like_sdpa():
+    """SDPA's CPU math kernel computes bf16 inputs in float32; rounding the scores to bf16 instead
+    (plain eager attention under autocast) is ~10x further from the float32 result."""
+
+    class Module(nn.Module):
+        is_causal = False
+
+    module = Module().train()
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (2 * torch.randn(2, 4, 40, 32, generator=generator).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(1)
+        out, _ = sdpa_fast_dropout_attention(module, q, k, v, None, dropout=0.1)
+    torch.manual_seed(1)
+    keep = keep_mask((2, 4, 40, 40), 0.1)
+    probs = torch.softmax(q.float() @ k.float().transpose(2, 3) * 32**-0.5, dim=-1) * keep * (1 / 0.9)
+    reference = (probs @ v.float()).transpose(1, 2)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - reference).abs().max() < 0.03  # bf16 rounding of the output only
+
+
 def test_model_swap_keeps_eval_logits_and_checkpoint_keys():
     plain, fast = tiny(), tiny()
     dropouts = sum(type(m) is nn.Dropout for m in plain.hf_model.modules())
