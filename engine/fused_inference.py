@@ -16,6 +16,9 @@ forward to bf16 rounding.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,21 +45,39 @@ def fused_path(x: torch.Tensor) -> bool:
     )
 
 
+_FROZEN: list[dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]]] = []
+
+
+@contextlib.contextmanager
+def frozen_weights() -> Iterator[None]:
+    """A block in which no parameter changes (one evaluation): each fused linear casts its
+    weights to bf16 once and reuses them for every batch; the copies go at the end of the block."""
+    _FROZEN.append({})
+    try:
+        yield
+    finally:
+        _FROZEN.pop()
+
+
 class InferenceFusedLinear(nn.Linear):
     """``nn.Linear`` whose fused-path forward is one oneDNN call (bias and ``activation`` included)."""
 
     activation = "none"  # "gelu" once the following exact GELU is folded in (per instance)
 
     def bf16_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """bf16 copies of weight and bias, cast again only after either changed (an optimizer
-        step or ``load_state_dict`` bumps a tensor's version): one cast per evaluation, not per batch."""
-        key = tuple((p.data_ptr(), p._version) for p in (self.weight, self.bias) if p is not None)
-        cached = self.__dict__.get("_bf16_cache")
-        if cached is None or cached[0] != key:
-            bias = None if self.bias is None else self.bias.detach().to(torch.bfloat16)
-            cached = (key, self.weight.detach().to(torch.bfloat16), bias)
-            self.__dict__["_bf16_cache"] = cached  # a plain attribute: not a buffer, not saved
-        return cached[1], cached[2]
+        """bf16 copies of weight and bias: cast once per :func:`frozen_weights` block, else per call.
+
+        Not cached across blocks on purpose: the fused AdamW kernel updates parameters in
+        place without bumping their version counters, so no cheap check can tell a stale copy.
+        """
+        cache = _FROZEN[-1] if _FROZEN else None
+        if cache is not None and self in cache:
+            return cache[self]
+        bias = None if self.bias is None else self.bias.detach().to(torch.bfloat16)
+        pair = (self.weight.detach().to(torch.bfloat16), bias)
+        if cache is not None:
+            cache[self] = pair
+        return pair
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fused_path(x):

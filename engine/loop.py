@@ -28,7 +28,7 @@ from engine.config import Config, MixedPrecision, NonFinite, OptimConfig, Proble
 from engine.data import eval_loader, format_preflight, load_data, make_collator, restore_order, row_order, train_loader
 from engine.errors import EngineError
 from engine.fast_dropout import enable_fast_dropout, use_fast_dropout
-from engine.fused_inference import enable_fused_inference, use_fused_inference
+from engine.fused_inference import enable_fused_inference, frozen_weights, use_fused_inference
 from engine.metrics import compute_metrics, confusion, load_metric, per_class_report, sigmoid, tune_thresholds
 from engine.model import (
     build_model,
@@ -218,12 +218,13 @@ def evaluate(
     load_metric(problem_type)  # imported once per process (~1 s): after the first step, outside the timing
     started = time.perf_counter()
     all_logits, all_labels = [], []
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not (progress and backend.is_main_process)):
-        batch = backend.to_device(batch)
-        with backend.autocast():
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        all_logits.append(backend.gather_for_metrics(logits.float()))
-        all_labels.append(backend.gather_for_metrics(batch["labels"]))
+    with frozen_weights():  # fused inference: one bf16 cast of the weights per evaluation
+        for batch in tqdm(loader, desc="eval", leave=False, disable=not (progress and backend.is_main_process)):
+            batch = backend.to_device(batch)
+            with backend.autocast():
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            all_logits.append(backend.gather_for_metrics(logits.float()))
+            all_labels.append(backend.gather_for_metrics(batch["labels"]))
     logits = torch.cat(all_logits)
     labels = torch.cat(all_labels)
     loss = classifier.loss_from_logits(logits, labels)

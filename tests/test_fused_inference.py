@@ -13,6 +13,7 @@ from engine.fused_inference import (
     FoldedActivation,
     InferenceFusedLinear,
     enable_fused_inference,
+    frozen_weights,
     fused_inference_supported,
     use_fused_inference,
 )
@@ -82,19 +83,41 @@ def test_training_forward_and_gradients_are_the_plain_ones():
 
 
 @needs_onednn_bf16
-def test_cached_bf16_weights_follow_optimizer_steps_and_loads():
+def test_evaluations_see_every_fused_adamw_step_and_load():
+    """The fused AdamW kernel updates weights in place without bumping their version counters:
+    a bf16 copy kept across evaluations went stale (dev accuracy froze at the first epoch's)."""
     plain, fused = tiny().eval(), tiny().eval()
     enable_fused_inference(fused.hf_model)
-    before = _bf16_eval_logits(fused)
-    for model in (plain, fused):  # one identical in-place update of every weight
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1.5)
-    after = _bf16_eval_logits(fused)
-    assert not torch.allclose(after, before)
-    assert torch.allclose(after, _bf16_eval_logits(plain), atol=3e-2)
+    with frozen_weights():
+        before = _bf16_eval_logits(fused)
+        assert torch.equal(_bf16_eval_logits(fused), before)  # the cached copies, same result
+    for model in (plain, fused):  # one identical fused AdamW step
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+        model.train()
+        torch.manual_seed(7)
+        model(**batch()).loss.backward()
+        optimizer.step()
+        model.eval()
+    with frozen_weights():
+        after = _bf16_eval_logits(fused)
+    assert not torch.allclose(after, before, atol=0.05)
+    assert torch.allclose(after, _bf16_eval_logits(plain), atol=2e-2)
+    assert torch.allclose(_bf16_eval_logits(fused), after)  # outside a block: cast per call
     fused.hf_model.load_state_dict(plain_state_dict(tiny()))
-    assert torch.allclose(_bf16_eval_logits(fused), before)
+    with frozen_weights():
+        assert torch.allclose(_bf16_eval_logits(fused), before)
+
+
+@needs_onednn_bf16
+def test_training_run_evaluations_follow_the_weights(make_cfg, tmp_path):
+    """Each epoch's dev loss of a bf16 run equals a fresh evaluation of that epoch's weights."""
+    common = (*TINY, "trainer.mixed_precision=bf16", "trainer.epochs=3", "optim.lr=1e-3")
+    train(make_cfg(*common, output_dir=tmp_path / "fused"))
+    train(make_cfg(*common, "trainer.fused_inference=false", output_dir=tmp_path / "plain"))
+    fused = [json.loads(x) for x in (tmp_path / "fused" / "metrics.jsonl").read_text().splitlines()]
+    plain = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert len({round(m["loss"], 4) for m in fused}) == 3  # no epoch repeats another's evaluation
+    assert [m["loss"] for m in fused] == pytest.approx([m["loss"] for m in plain], abs=5e-3)
 
 
 def test_default_is_on_for_eager_bf16_cpu_runs_only():
