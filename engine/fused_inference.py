@@ -4,7 +4,9 @@ Under bf16 autocast on the CPU, ``nn.Linear`` runs as ``addmm``: the bias is fir
 across the whole output, then the product is accumulated onto it, and the feed-forward
 GELU reads and writes the 4×-wide activation once more. oneDNN can do all three in one
 call (``mkldnn._linear_pointwise`` with a post-op). On this project's 2-core CPU that is
-~13% off a MiniLM forward at evaluation shapes (64 × 57 tokens).
+~8% off a MiniLM forward at one evaluation shape (64 × 57 tokens, interleaved A/B), but
+whole MRPC evaluations in the benchmark showed no gain beyond noise, so
+``trainer.fused_inference`` is off by default.
 
 The swap changes classes only (:class:`InferenceFusedLinear` is an ``nn.Linear`` with
 the same parameters and ``state_dict`` keys) and takes effect only in forwards that are

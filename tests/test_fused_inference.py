@@ -112,7 +112,7 @@ def test_evaluations_see_every_fused_adamw_step_and_load():
 def test_training_run_evaluations_follow_the_weights(make_cfg, tmp_path):
     """Each epoch's dev loss of a bf16 run equals a fresh evaluation of that epoch's weights."""
     common = (*TINY, "trainer.mixed_precision=bf16", "trainer.epochs=3", "optim.lr=1e-3")
-    train(make_cfg(*common, output_dir=tmp_path / "fused"))
+    train(make_cfg(*common, "trainer.fused_inference=null", output_dir=tmp_path / "fused"))
     train(make_cfg(*common, "trainer.fused_inference=false", output_dir=tmp_path / "plain"))
     fused = [json.loads(x) for x in (tmp_path / "fused" / "metrics.jsonl").read_text().splitlines()]
     plain = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
@@ -132,7 +132,7 @@ def test_default_is_on_for_eager_bf16_cpu_runs_only():
 @needs_onednn_bf16
 def test_eval_only_metrics_with_and_without_fusion_agree(make_cfg, tmp_path):
     bf16 = (*TINY, "trainer.mixed_precision=bf16", "data.max_eval_samples=80")
-    train(make_cfg(*bf16, output_dir=tmp_path / "run"))
+    train(make_cfg(*bf16, "trainer.fused_inference=true", output_dir=tmp_path / "run"))
     assert "fused inference: 14 linear layers, 2 GELUs" in (tmp_path / "run" / "train.log").read_text()
     results = {}
     for setting in ("true", "false"):
