@@ -10,8 +10,10 @@ The drop rate is rounded to a multiple of 1/65536 (p=0.1 drops 6554/65536 = 0.10
 Masks come from torch's default CPU generator, so ``seed`` and resumed runs reproduce
 them. Attention-probability dropout has its own path: with dropout on, CPU SDPA takes its
 math kernel (one Bernoulli draw per attention weight, plus a masked-row check); the
-``sdpa_fast_dropout`` attention does the same arithmetic with the packed mask and falls
-back to SDPA wherever dropout is off (evaluation, prediction). Neither changes a
+``sdpa_fast_dropout`` attention does the same arithmetic (in float32, as that kernel does
+for bf16 inputs) with the packed mask and falls back to SDPA wherever dropout is off
+(evaluation, prediction). With ``model.attn_implementation=eager`` only the ``nn.Dropout``
+modules are swapped. Neither changes a
 parameter or a ``state_dict`` key.
 """
 
