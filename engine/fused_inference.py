@@ -10,7 +10,8 @@ whole MRPC evaluations in the benchmark showed no gain beyond noise, so
 
 The swap changes classes only (:class:`InferenceFusedLinear` is an ``nn.Linear`` with
 the same parameters and ``state_dict`` keys) and takes effect only in forwards that are
-at once on the CPU, without autograd (evaluation, prediction) and under bf16 autocast;
+at once on the CPU, without autograd and under bf16 autocast (the loop's evaluations; prediction
+runs fp32 and never takes it);
 training forwards are the plain ``nn.Linear`` and activation, so gradients are untouched.
 The result is bf16, as autocast's ``linear`` gives; logits agree with the unfused
 forward to bf16 rounding.
