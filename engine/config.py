@@ -143,7 +143,7 @@ class TrainerConfig:
     compile_mode: str | None = None  # null | default | reduce-overhead | max-autotune
     # Dropout masks from 16-bit slices of 64-bit random words (a quarter of the generator draws)
     # and attention dropout without SDPA's per-weight Bernoulli draws; the drop rate is rounded
-    # to 1/65536. null: on for CPU training without compile (1.2x the bf16 samples/s here,
+    # to 1/65536. null: on for CPU training without compile (1.15x the bf16 samples/s here,
     # benchmarks/); CUDA's own dropout is already fused.
     fast_dropout: bool | None = None
     # Evaluation under CPU bf16 autocast: each linear layer's bias, and the feed-forward GELU, inside
