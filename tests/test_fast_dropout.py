@@ -88,6 +88,18 @@ def test_attention_equals_the_formula_with_the_same_mask():
     assert weights is None
     assert out.shape == (3, 9, 2, 8)
     assert torch.allclose(out, (probs @ v).transpose(1, 2), atol=1e-6)
+    # and so do the gradients (scale and mask ride inside one batched product)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    reference = [t.clone().requires_grad_() for t in (q, k, v)]
+    upstream = torch.randn(3, 9, 2, 8, generator=generator)
+    torch.manual_seed(11)
+    (sdpa_fast_dropout_attention(module, *leaves, mask, dropout=0.1, scaling=8**-0.5)[0] * upstream).sum().backward()
+    rq, rk, rv = reference
+    scores = (rq @ rk.transpose(2, 3)) * 8**-0.5
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) * keep / 0.9
+    ((probs @ rv).transpose(1, 2) * upstream).sum().backward()
+    for ours, theirs in zip(leaves, reference, strict=True):
+        assert torch.allclose(ours.grad, theirs.grad, atol=1e-5)
     # evaluation (and dropout 0) is SDPA itself
     module.eval()
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=8**-0.5).transpose(1, 2)
