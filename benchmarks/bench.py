@@ -216,13 +216,15 @@ def non_embedding_parameters() -> int:
 LEVERS = [
     # (row label, overrides added to the previous row's): each row keeps the levers above it.
     (
-        "baseline: random batches, unsorted eval, fp32, per-tensor AdamW, per-element dropout draws",
+        "baseline: random batches, unsorted eval, fp32, per-tensor AdamW, per-element dropout draws, "
+        "dense embedding gradient",
         [
             "data.group_by_length=false",
             "data.sort_eval_by_length=false",
             "trainer.mixed_precision=no",
             "optim.fused=false",
             "trainer.fast_dropout=false",
+            "trainer.sparse_embedding_grad=false",
         ],
     ),
     ("+ fused AdamW", ["optim.fused=null"]),
@@ -231,6 +233,7 @@ LEVERS = [
     ("+ bf16 autocast", ["trainer.mixed_precision=bf16"]),
     ("+ pad to a multiple of 8", ["data.pad_to_multiple_of=8"]),
     ("+ fast dropout masks", ["trainer.fast_dropout=null"]),
+    ("+ sparse embedding gradient in a persistent buffer", ["trainer.sparse_embedding_grad=null"]),
     ("+ torch.compile (length buckets of 32)", ["data.pad_to_multiple_of=null", "trainer.compile=true"]),
 ]
 

@@ -146,6 +146,10 @@ class TrainerConfig:
     # to 1/65536. null: on for CPU training without compile (1.15x the bf16 samples/s here,
     # benchmarks/); CUDA's own dropout is already fused.
     fast_dropout: bool | None = None
+    # The word-embedding gradient as touched rows added into one persistent dense buffer instead of
+    # a fresh zero-filled table each backward (page faults on the CPU). null: on for single-process
+    # CPU training without compile; true needs a single process (DDP reduces dense gradients).
+    sparse_embedding_grad: bool | None = None
     # Evaluation under CPU bf16 autocast: each linear layer's bias, and the feed-forward GELU, inside
     # one oneDNN matmul call (training forwards are untouched). null: on where the CPU has native
     # bf16. Off by default: 8% off a 64x57 forward, but no measurable gain over a whole MRPC

@@ -26,6 +26,7 @@ from engine import checkpoint, resume, tracking
 from engine.backend import Backend, make_backend
 from engine.config import Config, MixedPrecision, NonFinite, OptimConfig, ProblemType, validate
 from engine.data import eval_loader, format_preflight, load_data, make_collator, restore_order, row_order, train_loader
+from engine.embedding_grad import enable_sparse_embedding_grad, use_sparse_embedding_grad
 from engine.errors import EngineError
 from engine.fast_dropout import enable_fast_dropout, use_fast_dropout
 from engine.fused_inference import enable_fused_inference, frozen_weights, use_fused_inference
@@ -374,6 +375,10 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
     if use_fast_dropout(t.fast_dropout, backend.device, t.compile):
         swapped = enable_fast_dropout(model.hf_model)
         log.info("fast dropout: %d dropout modules, attention %s", swapped, model.hf_model.config._attn_implementation)
+    if use_sparse_embedding_grad(t.sparse_embedding_grad, backend.device, backend.num_processes, t.compile):
+        embedding = enable_sparse_embedding_grad(model.hf_model)
+        if embedding is not None:
+            log.info("sparse embedding gradient: %s rows into one persistent buffer", embedding.num_embeddings)
     fuse_inference_linears(model.hf_model, config, backend)
     bucket = compile_model(model, config) if t.compile else None
     collator = make_collator(tokenizer, config.data, bucket)
