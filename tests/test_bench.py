@@ -23,11 +23,16 @@ def test_every_lever_row_is_a_valid_config(make_cfg):
         overrides = overrides + extra
         config = validate(make_cfg(*overrides))
         t = config.trainer
-        levers = (t.fast_dropout is not False, t.sparse_embedding_grad is not False, t.compile)
+        levers = (
+            t.fast_dropout is not False,
+            t.sparse_embedding_grad is not False,
+            t.fused_inference is not False,
+            t.compile,
+        )
         seen.append((config.data.group_by_length, t.mixed_precision, *levers))
     # The baseline switches every lever off; the last row has them all on.
-    assert seen[0] == (False, MixedPrecision.no, False, False, False)
-    assert seen[-1] == (True, MixedPrecision.bf16, True, True, True)
+    assert seen[0] == (False, MixedPrecision.no, False, False, False, False)
+    assert seen[-1] == (True, MixedPrecision.bf16, True, True, True, True)
 
 
 def test_mean_and_sd_over_seeds():
