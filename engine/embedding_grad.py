@@ -54,7 +54,7 @@ def enable_sparse_embedding_grad(hf_model: nn.Module) -> nn.Embedding | None:
         grad = parameter.grad
         if grad is None or not grad.is_sparse:
             return
-        if not buffers or buffers[0].shape != parameter.shape or buffers[0].dtype != grad.dtype:
+        if not buffers or any(getattr(buffers[0], a) != getattr(grad, a) for a in ("shape", "dtype", "device")):
             buffers[:] = [torch.zeros(parameter.shape, dtype=grad.dtype, device=grad.device)]
         else:
             buffers[0].zero_()
