@@ -45,20 +45,21 @@ def enable_sparse_embedding_grad(hf_model: nn.Module) -> nn.Embedding | None:
     if type(embedding) is not nn.Embedding or not embedding.weight.requires_grad:
         return None
     weight = embedding.weight
-    buffers: list[torch.Tensor] = []
+    buffer: torch.Tensor | None = None
 
     def densify(parameter: torch.Tensor) -> None:
         # Runs after each accumulation into .grad. A sparse .grad means autograd has just
         # started a new gradient (.grad was None): move it into the buffer. Later micro-batches
         # add their rows into that dense .grad in place.
+        nonlocal buffer
         grad = parameter.grad
         if grad is None or not grad.is_sparse:
             return
-        if not buffers or any(getattr(buffers[0], a) != getattr(grad, a) for a in ("shape", "dtype", "device")):
-            buffers[:] = [torch.zeros(parameter.shape, dtype=grad.dtype, device=grad.device)]
+        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (grad.shape, grad.dtype, grad.device):
+            buffer = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
         else:
-            buffers[0].zero_()
-        parameter.grad = buffers[0].add_(grad)
+            buffer.zero_()
+        parameter.grad = buffer.add_(grad)
 
     embedding.sparse = True
     weight.register_post_accumulate_grad_hook(densify)
