@@ -29,6 +29,7 @@ from engine.data import eval_loader, format_preflight, load_data, make_collator,
 from engine.embedding_grad import enable_sparse_embedding_grad, use_sparse_embedding_grad
 from engine.errors import EngineError
 from engine.fast_dropout import enable_fast_dropout, use_fast_dropout
+from engine.first_token import enable_first_token_last_layer, use_first_token_last_layer
 from engine.fused_inference import enable_fused_inference, frozen_weights, use_fused_inference
 from engine.metrics import compute_metrics, confusion, load_metric, per_class_report, sigmoid, tune_thresholds
 from engine.model import (
@@ -160,6 +161,15 @@ def fuse_inference_linears(hf_model: torch.nn.Module, config: Config, backend: B
         log.info("fused inference: %d linear layers, %d GELUs folded into them (CPU bf16 evaluation)", linears, gelus)
 
 
+def first_token_only(hf_model: torch.nn.Module, config: Config) -> None:
+    """``trainer.first_token_last_layer``: the last layer computes only what the head reads."""
+    if use_first_token_last_layer(config.trainer.first_token_last_layer, hf_model):
+        layer = enable_first_token_last_layer(hf_model)
+        log.info(
+            "first-token last layer: %s computes only the token the classification head reads", type(layer).__name__
+        )
+
+
 def micro_batch_groups(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Yield lists of ``size`` consecutive batches (the last may be shorter): one optimizer step each."""
     group: list[dict[str, torch.Tensor]] = []
@@ -249,6 +259,7 @@ def evaluate_checkpoint(config: Config, backend: Backend, run_dir: Path) -> floa
     weights_path, info_path = locate(config.checkpoint)
     info = checkpoint.load_info(info_path)
     hf_model = load_hf_model(weights_path, info)
+    first_token_only(hf_model, config)
     fuse_inference_linears(hf_model, config, backend)
     problem_type = ProblemType(info["problem_type"])
     names = [info["id2label"][str(i)] for i in range(info["num_labels"])]
@@ -379,6 +390,7 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
         embedding = enable_sparse_embedding_grad(model.hf_model)
         if embedding is not None:
             log.info("sparse embedding gradient: %s rows into one persistent buffer", embedding.num_embeddings)
+    first_token_only(model.hf_model, config)
     fuse_inference_linears(model.hf_model, config, backend)
     bucket = compile_model(model, config) if t.compile else None
     collator = make_collator(tokenizer, config.data, bucket)

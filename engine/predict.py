@@ -16,6 +16,7 @@ import torch
 
 from engine.checkpoint import BEST_INFO, BEST_WEIGHTS, CheckpointError, check_state_dict, load_info, load_weights
 from engine.config import ProblemType
+from engine.first_token import enable_first_token_last_layer, last_layer
 from engine.metrics import sigmoid, softmax
 
 
@@ -155,6 +156,8 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
         if key not in info:
             raise CheckpointError(f"{info_path}: missing key {key!r}")
     model = load_hf_model(weights_path, info)
+    if last_layer(model) is not None:  # the same logits, the last layer's work on the first token only
+        enable_first_token_last_layer(model)
     tokenizer = AutoTokenizer.from_pretrained(info.get("tokenizer") or info["model_source"])
     resolved = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,129 @@
+"""``trainer.first_token_last_layer``: the last encoder layer computes only the token the head reads.
+
+A ``*ForSequenceClassification`` head of the BERT family reads one position of the last
+hidden state: the first (``[CLS]`` / ``<s>``), through BERT's pooler or RoBERTa's and
+ELECTRA's classification heads. Every other position of the last layer's output is
+computed and then dropped, and in training its backward is computed too, from zeros.
+In that layer only the keys and values need every token (the first token attends to
+them all); its query, attention output, feed-forward and LayerNorms need just the first.
+For MiniLM (6 layers) that is 14% of the model's matmul FLOPs per token, forward and
+backward, with the last layer's dropout, GELU and LayerNorm work going the same way.
+
+The logits and every gradient are those of the full layer, up to float rounding (the
+same products over fewer rows): nothing the head reads is approximated. The swap
+changes the last layer's class only (same parameters, same ``state_dict`` keys), so a
+checkpoint loads into a plain transformers model. The encoder's ``last_hidden_state``
+is then one position long, which is why the swap is limited to the classification
+models listed in :data:`FIRST_TOKEN_HEADS`, whose heads read nothing else.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from engine.errors import EngineError
+
+# Sequence classifiers whose head reads only position 0 of the last hidden state, and the
+# attribute of their base model. (BERT: pooler on hidden_states[:, 0]; RoBERTa, XLM-R,
+# CamemBERT, ELECTRA: a classification head on features[:, 0, :].)
+FIRST_TOKEN_HEADS = {
+    "BertForSequenceClassification": "bert",
+    "RobertaForSequenceClassification": "roberta",
+    "XLMRobertaForSequenceClassification": "roberta",
+    "CamembertForSequenceClassification": "roberta",
+    "ElectraForSequenceClassification": "electra",
+}
+
+
+def _attention_interface(attention: nn.Module):
+    """The attention function the layer's own self-attention would call (eager from its module)."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = sys.modules[type(attention).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager)
+
+
+class FirstTokenLayer(nn.Module):
+    """Mixed into the last encoder layer's own class: its forward returns the first position only."""
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise EngineError("trainer.first_token_last_layer: the last layer got a key/value cache")
+        attention = self.attention.self
+        batch, length, _ = hidden_states.shape
+        first = hidden_states[:, :1]
+        per_head = (batch, -1, attention.attention_head_size)
+        query = attention.query(first).view(batch, 1, *per_head[1:]).transpose(1, 2)
+        key = attention.key(hidden_states).view(*per_head[:1], length, *per_head[1:]).transpose(1, 2)
+        value = attention.value(hidden_states).view(*per_head[:1], length, *per_head[1:]).transpose(1, 2)
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., :1, :]  # (batch, 1, queries, keys): the first query's row
+        kwargs.pop("encoder_attention_mask", None)
+        kwargs.pop("cache", None)
+        out, _ = _attention_interface(attention)(
+            attention,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=attention.dropout.p if attention.training else 0.0,
+            scaling=attention.scaling,
+            **kwargs,
+        )
+        attended = self.attention.output(out.reshape(batch, 1, -1).contiguous(), first)
+        return self.feed_forward_chunk(attended)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def first_token_class(layer_class: type) -> type:
+    """``FirstTokenLayer`` over ``layer_class`` (one class per layer class, so pickling and ``type()`` agree)."""
+    if layer_class not in _CLASSES:
+        _CLASSES[layer_class] = type(f"FirstToken{layer_class.__name__}", (FirstTokenLayer, layer_class), {})
+    return _CLASSES[layer_class]
+
+
+def last_layer(hf_model: nn.Module) -> nn.Module | None:
+    """The last encoder layer of a supported classifier with the BERT layer layout, else None."""
+    base = getattr(hf_model, FIRST_TOKEN_HEADS.get(type(hf_model).__name__, ""), None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not layers:
+        return None
+    layer = layers[-1]
+    attention = getattr(getattr(layer, "attention", None), "self", None)
+    config = getattr(hf_model, "config", None)
+    if (
+        attention is None
+        or not all(hasattr(attention, name) for name in ("query", "key", "value", "scaling", "attention_head_size"))
+        or not hasattr(layer, "feed_forward_chunk")
+        or getattr(config, "is_decoder", False)
+        or getattr(config, "add_cross_attention", False)
+    ):
+        return None
+    return layer
+
+
+def use_first_token_last_layer(setting: bool | None, hf_model: nn.Module) -> bool:
+    """``trainer.first_token_last_layer``: null means on wherever the model is supported;
+    true on an unsupported model is an error naming the supported ones."""
+    supported = last_layer(hf_model) is not None
+    if setting and not supported:
+        raise EngineError(
+            f"trainer.first_token_last_layer=true: {type(hf_model).__name__} is not a classifier whose head reads "
+            f"only the first token with a BERT-style encoder layer ({', '.join(FIRST_TOKEN_HEADS)}); "
+            "use null or false"
+        )
+    return supported if setting is None else bool(setting)
+
+
+def enable_first_token_last_layer(hf_model: nn.Module) -> nn.Module:
+    """Make the last encoder layer compute only the first token, in place; returns that layer."""
+    layer = last_layer(hf_model)
+    if layer is None:
+        raise EngineError(f"{type(hf_model).__name__}: no supported last encoder layer")
+    if not isinstance(layer, FirstTokenLayer):
+        layer.__class__ = first_token_class(type(layer))
+    return layer
