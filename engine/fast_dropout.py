@@ -12,7 +12,8 @@ them. Attention-probability dropout has its own path: with dropout on, CPU SDPA 
 math kernel (one Bernoulli draw per attention weight, plus a masked-row check); the
 ``sdpa_fast_dropout`` attention does the same arithmetic (in float32, as that kernel does
 for bf16 inputs) with the packed mask and falls back to SDPA wherever dropout is off
-(evaluation, prediction). With ``model.attn_implementation=eager`` only the ``nn.Dropout``
+(evaluation, prediction; ``trainer.fused_inference`` routes CPU bf16 evaluation through it
+too, see :mod:`engine.fused_inference`). With ``model.attn_implementation=eager`` only the ``nn.Dropout``
 modules are swapped. Neither changes a
 parameter or a ``state_dict`` key.
 """
@@ -23,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_NAME = "sdpa_fast_dropout"
+from engine.fused_inference import FAST_DROPOUT_ATTENTION, INFERENCE_ATTENTION, bf16_inference_attention
+
+ATTENTION_NAME = FAST_DROPOUT_ATTENTION
 _LANES = 65536  # values of one 16-bit lane
 
 
@@ -86,7 +89,9 @@ def sdpa_fast_dropout_attention(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """A transformers attention function: SDPA, except CPU attention dropout with the packed mask.
+    """A transformers attention function: SDPA, except CPU attention dropout with the packed mask
+    and, for modules that :func:`engine.fused_inference.enable_fused_inference` marked, CPU bf16
+    inference in batched bf16 matmuls (:func:`engine.fused_inference.inference_attention`).
 
     Query, key and value are ``(batch, heads, length, head_dim)``; the mask is SDPA's
     (bool, True = attend, or additive float, or None). Returns ``(batch, length, heads,
@@ -94,6 +99,9 @@ def sdpa_fast_dropout_attention(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    inference = bf16_inference_attention(module, query, key, value, attention_mask, scaling, is_causal, **kwargs)
+    if inference is not None:  # trainer.fused_inference: a marked module in CPU bf16 inference
+        return inference, None
     plain = (
         dropout == 0.0
         or not module.training
@@ -171,7 +179,7 @@ def enable_fast_dropout(hf_model: nn.Module) -> int:
                 setattr(parent, name, replacement)
                 swapped += 1
     config = getattr(hf_model, "config", None)
-    if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
+    if config is not None and getattr(config, "_attn_implementation", None) in ("sdpa", INFERENCE_ATTENTION):
         register_attention()
         hf_model.set_attn_implementation(ATTENTION_NAME)
     return swapped
