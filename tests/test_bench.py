@@ -27,12 +27,13 @@ def test_every_lever_row_is_a_valid_config(make_cfg):
             t.fast_dropout is not False,
             t.sparse_embedding_grad is not False,
             t.fused_inference is not False,
+            t.first_token_last_layer is not False,
             t.compile,
         )
         seen.append((config.data.group_by_length, t.mixed_precision, *levers))
     # The baseline switches every lever off; the last row has them all on.
-    assert seen[0] == (False, MixedPrecision.no, False, False, False, False)
-    assert seen[-1] == (True, MixedPrecision.bf16, True, True, True, True)
+    assert seen[0] == (False, MixedPrecision.no, False, False, False, False, False)
+    assert seen[-1] == (True, MixedPrecision.bf16, True, True, True, True, True)
 
 
 def test_mean_and_sd_over_seeds():
@@ -40,3 +41,13 @@ def test_mean_and_sd_over_seeds():
     assert bench.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
     assert bench.cell([{"x": 2.0}, {"x": 4.0}], "x", "{:.1f}") == "3.0 ± 1.4"
     assert bench.cell([{"x": 2.0}], "x", "{:.1f}") == "2.0"
+
+
+def test_flop_accounting_of_the_first_token_last_layer():
+    """Model FLOPs count 6 x the non-embedding parameters a token; the first-token-only ones are
+    the last layer's query, attention output and feed-forward (4 of its 6 matrices, by size)."""
+    total, first_only = _bench().parameter_counts()
+    hidden, ff, layers = 384, 1536, 6  # MiniLM-L6
+    per_layer = 4 * (hidden * hidden + hidden) + 2 * hidden * ff + ff + hidden + 4 * hidden
+    assert total == layers * per_layer + hidden * hidden + hidden + hidden * 2 + 2  # + pooler, classifier
+    assert first_only == 2 * (hidden * hidden + hidden) + 2 * hidden * ff + ff + hidden
