@@ -10,10 +10,8 @@ The drop rate is rounded to a multiple of 1/65536 (p=0.1 drops 6554/65536 = 0.10
 Masks come from torch's default CPU generator, so ``seed`` and resumed runs reproduce
 them. Attention-probability dropout has its own path: with dropout on, CPU SDPA takes its
 math kernel (one Bernoulli draw per attention weight, plus a masked-row check); the
-``sdpa_fast_dropout`` attention does the same arithmetic (in float32, as that kernel does
-for bf16 inputs) with the packed mask and falls back to SDPA wherever dropout is off
-(evaluation, prediction; ``trainer.fused_inference`` routes CPU bf16 evaluation through it
-too, see :mod:`engine.fused_inference`). With ``model.attn_implementation=eager`` only the ``nn.Dropout``
+``sdpa_fast_dropout`` attention (:mod:`engine.attention`) uses the packed mask instead and
+SDPA wherever dropout is off (evaluation, prediction). With ``model.attn_implementation=eager`` only the ``nn.Dropout``
 modules are swapped. Neither changes a
 parameter or a ``state_dict`` key.
 """
@@ -24,9 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.fused_inference import FAST_DROPOUT_ATTENTION, INFERENCE_ATTENTION, bf16_inference_attention
-
-ATTENTION_NAME = FAST_DROPOUT_ATTENTION
 _LANES = 65536  # values of one 16-bit lane
 
 
@@ -78,89 +73,6 @@ class FastDropout(nn.Dropout):
         return fast_dropout(x, self.p, self.training)
 
 
-def sdpa_fast_dropout_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """A transformers attention function: SDPA, except CPU attention dropout with the packed mask
-    and, for modules that :func:`engine.fused_inference.enable_fused_inference` marked, CPU bf16
-    inference in batched bf16 matmuls (:func:`engine.fused_inference.inference_attention`).
-
-    Query, key and value are ``(batch, heads, length, head_dim)``; the mask is SDPA's
-    (bool, True = attend, or additive float, or None). Returns ``(batch, length, heads,
-    head_dim)`` like every transformers attention function.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    inference = bf16_inference_attention(module, query, key, value, attention_mask, scaling, is_causal, **kwargs)
-    if inference is not None:  # trainer.fused_inference: a marked module in CPU bf16 inference
-        return inference, None
-    plain = (
-        dropout == 0.0
-        or not module.training
-        or query.device.type != "cpu"
-        or is_causal
-        or getattr(module, "is_causal", False)
-        or key.shape[1] != query.shape[1]  # grouped-query heads: SDPA expands them
-        or kwargs.get("position_bias") is not None
-    )
-    if plain:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
-    # In float32 throughout, as SDPA's CPU math kernel computes bf16/fp16 inputs: under bf16
-    # autocast the scores would otherwise be rounded to bf16 (~0.4%, 0.05-0.1 on typical logits)
-    # before the softmax. Heads are folded into the batch so that each product is one batched
-    # call and the scale and mask ride in it (baddbmm), which is ~25% off attention's
-    # forward and backward here against matmul, scale, mask and transpose as separate passes.
-    batch, heads, q_len, head_dim = query.shape
-    k_len = key.shape[2]
-    to_float = {"dtype": torch.float32, "memory_format": torch.contiguous_format}
-    with torch.autocast("cpu", enabled=False):
-        q = query.to(**to_float).reshape(batch * heads, q_len, head_dim)
-        k = key.to(**to_float).reshape(batch * heads, k_len, head_dim)
-        v = value.to(**to_float).reshape(batch * heads, k_len, head_dim)
-        bias = additive_mask(attention_mask, (batch, heads, q_len, k_len))
-        if bias is None:
-            scores = torch.bmm(q, k.transpose(1, 2)).mul_(scaling)
-        else:
-            scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scaling)
-        weights = fast_dropout(F.softmax(scores, dim=-1), dropout)
-        out = torch.bmm(weights, v).view(batch, heads, q_len, head_dim).transpose(1, 2)
-    return out.to(dtype=query.dtype, memory_format=torch.contiguous_format).contiguous(), None
-
-
-def additive_mask(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
-    """SDPA's ``attn_mask`` (bool, True = attend, or additive float; broadcastable to ``shape``
-    = batch, heads, query length, key length) as a float32 ``(batch * heads, q, k)`` bias."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        bias.masked_fill_(~mask, torch.finfo(torch.float32).min)
-    else:
-        bias = mask.float()
-    batch, heads, q_len, k_len = shape
-    return bias.expand(shape).reshape(batch * heads, q_len, k_len)
-
-
-def register_attention() -> None:
-    """Make ``sdpa_fast_dropout`` a transformers attention implementation (with SDPA's masks)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, sdpa_fast_dropout_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
-
-
 def use_fast_dropout(setting: bool | None, device: torch.device, compiled: bool = False) -> bool:
     """``trainer.fast_dropout``: null means on for eager CPU training, where the mask draws are
     the cost (CUDA's dropout is one fused kernel; a compiled model draws its masks in its own code)."""
@@ -178,8 +90,7 @@ def enable_fast_dropout(hf_model: nn.Module) -> int:
                 replacement.train(child.training)
                 setattr(parent, name, replacement)
                 swapped += 1
-    config = getattr(hf_model, "config", None)
-    if config is not None and getattr(config, "_attn_implementation", None) in ("sdpa", INFERENCE_ATTENTION):
-        register_attention()
-        hf_model.set_attn_implementation(ATTENTION_NAME)
+    from engine.attention import FAST_DROPOUT_ATTENTION, use_engine_attention
+
+    use_engine_attention(hf_model, FAST_DROPOUT_ATTENTION)
     return swapped

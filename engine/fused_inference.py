@@ -9,9 +9,9 @@ by length, interleaved A/B in one process: 186 -> 203); single evaluations swing
 here, which hid the gain in the benchmark's one-evaluation figures of an earlier round.
 ``trainer.fused_inference`` is on (null) where the CPU computes bf16 natively.
 
-Attention on the same path runs as batched bf16 matmuls (:func:`inference_attention`)
-instead of CPU SDPA's flash kernel, whose blocking suits long sequences: 239 -> 253
-median eval samples/s on top of the fused linears (ten interleaved MRPC dev evaluations).
+Attention on the same path runs as batched bf16 matmuls (:mod:`engine.attention`) instead
+of CPU SDPA's flash kernel, whose blocking suits long sequences: 239 -> 253 median eval
+samples/s on top of the fused linears (ten interleaved MRPC dev evaluations).
 
 The swap changes classes only (:class:`InferenceFusedLinear` is an ``nn.Linear`` with
 the same parameters and ``state_dict`` keys) and takes effect only in forwards that are
@@ -97,95 +97,6 @@ class InferenceFusedLinear(nn.Linear):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def inference_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
-) -> torch.Tensor:
-    """Attention on the fused path, in bf16 batched matmuls: ``(batch, heads, length, head_dim)``
-    query, key and value and SDPA's mask (bool, True = attend, or additive) in; ``(batch, length,
-    heads, head_dim)`` out, as a transformers attention function returns.
-
-    Heads fold into the batch, so the scale and the mask ride in one ``baddbmm`` and the
-    probabilities in one ``bmm``: at MRPC's lengths (40-90 tokens, 12 heads of 32) that is
-    25-45% faster than CPU SDPA's flash kernel, whose blocking is made for long sequences.
-    The scores are rounded to bf16 before the softmax, as autocast's eager attention does;
-    logits stay within 5e-4 of SDPA's on MiniLM.
-    """
-    batch, heads, q_len, head_dim = query.shape
-    k_len = key.shape[2]
-    q = query.reshape(batch * heads, q_len, head_dim)
-    k = key.reshape(batch * heads, k_len, head_dim).transpose(1, 2)
-    v = value.reshape(batch * heads, k_len, head_dim)
-    if mask is None:
-        scores = torch.bmm(q, k).mul_(scaling)
-    else:
-        if mask.dtype == torch.bool:
-            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
-            bias.masked_fill_(~mask, torch.finfo(q.dtype).min)
-        else:
-            bias = mask.to(q.dtype)
-        scores = torch.baddbmm(bias.expand(batch, heads, q_len, k_len).reshape(-1, q_len, k_len), q, k, alpha=scaling)
-    out = torch.bmm(torch.softmax(scores, dim=-1), v)
-    return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
-
-
-INFERENCE_ATTENTION = "sdpa_bf16_inference"
-FAST_DROPOUT_ATTENTION = "sdpa_fast_dropout"  # engine.fast_dropout.ATTENTION_NAME (defined here: no import cycle)
-
-
-def bf16_inference_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    scaling: float | None,
-    is_causal: bool | None,
-    **kwargs,
-) -> torch.Tensor | None:
-    """:func:`inference_attention` where it applies (a marked module on the fused path, bidirectional,
-    one key head per query head, no position bias); None where SDPA should run instead."""
-    if (
-        not getattr(module, "bf16_inference_attention", False)
-        or not fused_path(query)
-        or is_causal
-        or key.shape[1] != query.shape[1]
-        or kwargs.get("position_bias") is not None
-    ):
-        return None
-    return inference_attention(query, key, value, mask, query.size(-1) ** -0.5 if scaling is None else scaling)
-
-
-def sdpa_bf16_inference_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """A transformers attention function: SDPA, except :func:`inference_attention` on the fused path."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    out = bf16_inference_attention(module, query, key, value, attention_mask, scaling, is_causal, **kwargs)
-    if out is not None:
-        return out, None
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-    )
-
-
-def register_inference_attention() -> None:
-    """Make ``sdpa_bf16_inference`` a transformers attention implementation (with SDPA's masks)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(INFERENCE_ATTENTION, sdpa_bf16_inference_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(INFERENCE_ATTENTION, sdpa_mask)
-
-
 class FoldedActivation(nn.Module):
     """The activation after a linear that folded it in: identity on the fused path, itself elsewhere."""
 
@@ -207,9 +118,8 @@ def _is_exact_gelu(activation: object) -> bool:
 def enable_fused_inference(hf_model: nn.Module) -> tuple[int, int]:
     """Turn every ``nn.Linear`` of ``hf_model`` into :class:`InferenceFusedLinear` and fold each
     ``dense`` + exact-GELU ``intermediate_act_fn`` pair (BERT-family feed-forward) into the linear;
-    an SDPA model's self-attention takes :func:`inference_attention` on the fused path (through
-    :func:`sdpa_bf16_inference_attention`, or the fast-dropout attention where that is on). In place; returns (linears,
-    GELUs folded)."""
+    an SDPA model's attention takes :func:`engine.attention.folded_attention` on the fused path.
+    In place; returns (linears, GELUs folded)."""
 
     linears = folded = 0
     for module in hf_model.modules():
@@ -222,14 +132,9 @@ def enable_fused_inference(hf_model: nn.Module) -> tuple[int, int]:
             dense.activation = "gelu"
             module.intermediate_act_fn = FoldedActivation(activation)
             folded += 1
-    config = getattr(hf_model, "config", None)
-    if getattr(config, "_attn_implementation", None) in ("sdpa", FAST_DROPOUT_ATTENTION):
-        for module in hf_model.modules():
-            if getattr(module, "is_causal", None) is False:  # transformers' (bidirectional) attention modules
-                module.bf16_inference_attention = True
-        if config._attn_implementation == "sdpa":  # the fast-dropout attention checks the mark itself
-            register_inference_attention()
-            hf_model.set_attn_implementation(INFERENCE_ATTENTION)
+    from engine.attention import mark_inference_attention
+
+    mark_inference_attention(hf_model)
     return linears, folded
 
 

@@ -1,5 +1,5 @@
 """trainer.fast_dropout: packed masks keep nn.Dropout's semantics (rate, scaling, gradient, seeding),
-the attention path equals the textbook formula with the same mask, and eval/checkpoints are untouched."""
+and eval/checkpoints are untouched (the attention path: tests/test_attention.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,15 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from engine.attention import FAST_DROPOUT_ATTENTION as ATTENTION_NAME
 from engine.fast_dropout import (
-    ATTENTION_NAME,
     FastDropout,
     drop_threshold,
     enable_fast_dropout,
     fast_dropout,
     keep_mask,
-    sdpa_fast_dropout_attention,
     use_fast_dropout,
 )
 from engine.loop import train
@@ -68,63 +66,6 @@ def test_module_is_an_nn_dropout_and_is_identity_in_eval():
     x = torch.randn(4, 8)
     assert torch.equal(module.eval()(x), x)
     assert (module.train()(torch.ones(100, 100)) == 0).float().mean().item() == pytest.approx(0.2, abs=0.02)
-
-
-def test_attention_equals_the_formula_with_the_same_mask():
-    class Module(nn.Module):
-        is_causal = False
-
-    module = Module().train()
-    generator = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(3, 2, 9, 8, generator=generator) for _ in range(3))
-    mask = torch.ones(3, 1, 9, 9, dtype=torch.bool)
-    mask[0, :, :, 6:] = False  # row 0 is padded after 6 tokens
-    torch.manual_seed(11)
-    out, weights = sdpa_fast_dropout_attention(module, q, k, v, mask, dropout=0.1, scaling=8**-0.5)
-    torch.manual_seed(11)
-    keep = keep_mask((3, 2, 9, 9), 0.1)
-    scores = (q @ k.transpose(2, 3)) * 8**-0.5
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) * keep / 0.9
-    assert weights is None
-    assert out.shape == (3, 9, 2, 8)
-    assert torch.allclose(out, (probs @ v).transpose(1, 2), atol=1e-6)
-    # and so do the gradients (scale and mask ride inside one batched product)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    reference = [t.clone().requires_grad_() for t in (q, k, v)]
-    upstream = torch.randn(3, 9, 2, 8, generator=generator)
-    torch.manual_seed(11)
-    (sdpa_fast_dropout_attention(module, *leaves, mask, dropout=0.1, scaling=8**-0.5)[0] * upstream).sum().backward()
-    rq, rk, rv = reference
-    scores = (rq @ rk.transpose(2, 3)) * 8**-0.5
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) * keep / 0.9
-    ((probs @ rv).transpose(1, 2) * upstream).sum().backward()
-    for ours, theirs in zip(leaves, reference, strict=True):
-        assert torch.allclose(ours.grad, theirs.grad, atol=1e-5)
-    # evaluation (and dropout 0) is SDPA itself
-    module.eval()
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=8**-0.5).transpose(1, 2)
-    assert torch.allclose(sdpa_fast_dropout_attention(module, q, k, v, mask, dropout=0.0)[0], expected, atol=1e-6)
-
-
-def test_attention_under_bf16_autocast_is_computed_in_float32_like_sdpa():
-    """SDPA's CPU math kernel computes bf16 inputs in float32; rounding the scores to bf16 instead
-    (plain eager attention under autocast) is ~10x further from the float32 result."""
-
-    class Module(nn.Module):
-        is_causal = False
-
-    module = Module().train()
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (2 * torch.randn(2, 4, 40, 32, generator=generator).bfloat16() for _ in range(3))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.manual_seed(1)
-        out, _ = sdpa_fast_dropout_attention(module, q, k, v, None, dropout=0.1)
-    torch.manual_seed(1)
-    keep = keep_mask((2, 4, 40, 40), 0.1)
-    probs = torch.softmax(q.float() @ k.float().transpose(2, 3) * 32**-0.5, dim=-1) * keep * (1 / 0.9)
-    reference = (probs @ v.float()).transpose(1, 2)
-    assert out.dtype == torch.bfloat16
-    assert (out.float() - reference).abs().max() < 0.03  # bf16 rounding of the output only
 
 
 def test_model_swap_keeps_eval_logits_and_checkpoint_keys():

@@ -9,16 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-import engine.fused_inference as fused_inference_module
-from engine.fast_dropout import enable_fast_dropout
+import engine.attention as attention
+from engine.attention import INFERENCE_ATTENTION, folded_attention
 from engine.fused_inference import (
-    INFERENCE_ATTENTION,
     FoldedActivation,
     InferenceFusedLinear,
     enable_fused_inference,
     frozen_weights,
     fused_inference_supported,
-    inference_attention,
     use_fused_inference,
 )
 from engine.loop import train
@@ -66,9 +64,7 @@ def test_fused_eval_logits_match_autocast_and_take_the_fused_path(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
     attention_calls = []
     monkeypatch.setattr(
-        fused_inference_module,
-        "inference_attention",
-        lambda *args: attention_calls.append(args[0].shape) or inference_attention(*args),
+        attention, "folded_attention", lambda *args: attention_calls.append(1) or folded_attention(*args)
     )
     assert fused.hf_model.config._attn_implementation == INFERENCE_ATTENTION
     expected, got = _bf16_eval_logits(plain), _bf16_eval_logits(fused)
@@ -80,47 +76,6 @@ def test_fused_eval_logits_match_autocast_and_take_the_fused_path(monkeypatch):
     with torch.inference_mode():
         assert torch.equal(fused(**_inputs()).logits, plain(**_inputs()).logits)
     assert calls == [] and len(attention_calls) == 2
-
-
-@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none", "first-query-row"])
-def test_inference_attention_matches_float32_sdpa(mask_kind):
-    generator = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(3, 4, 9, 8, generator=generator) for _ in range(3))
-    keep = torch.ones(3, 1, 1, 9, dtype=torch.bool)
-    keep[1, ..., 5:] = False
-    mask = {
-        "bool": keep,
-        "additive": torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min),
-        "none": None,
-        "first-query-row": keep,
-    }[mask_kind]
-    if mask_kind == "first-query-row":  # the first-token last layer: one query against every key
-        q = q[:, :, :1]
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        have = inference_attention(*(t.bfloat16() for t in (q, k, v)), mask, 8**-0.5)
-    assert have.shape == want.shape and have.dtype == torch.bfloat16
-    assert torch.allclose(have.float(), want, atol=3e-2), (have.float() - want).abs().max()
-
-
-@needs_onednn_bf16
-def test_with_fast_dropout_the_attention_keeps_both_paths(monkeypatch):
-    model = tiny()
-    enable_fast_dropout(model.hf_model)
-    enable_fused_inference(model.hf_model)
-    assert model.hf_model.config._attn_implementation == "sdpa_fast_dropout"
-    attention_calls = []
-    monkeypatch.setattr(
-        fused_inference_module,
-        "inference_attention",
-        lambda *args: attention_calls.append(1) or inference_attention(*args),
-    )
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model.train()(**batch()).loss.backward()  # training: the packed-mask dropout attention
-    assert attention_calls == []
-    reference = tiny().eval()
-    assert torch.allclose(_bf16_eval_logits(model.eval()), _bf16_eval_logits(reference), atol=2e-2)
-    assert len(attention_calls) == 2
 
 
 @needs_onednn_bf16
