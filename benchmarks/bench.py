@@ -240,7 +240,7 @@ LEVERS = [
     # (row label, overrides added to the previous row's): each row keeps the levers above it.
     (
         "baseline: random batches, unsorted eval, fp32, per-tensor AdamW, per-element dropout draws, "
-        "dense embedding gradient, unfused inference, full last layer",
+        "dense embedding gradient, unfused inference, full last layer, no length rounding",
         [
             "data.group_by_length=false",
             "data.sort_eval_by_length=false",
@@ -250,6 +250,7 @@ LEVERS = [
             "trainer.sparse_embedding_grad=false",
             "trainer.fused_inference=false",
             "trainer.first_token_last_layer=false",
+            "data.pad_to_multiple_of=1",
         ],
     ),
     ("+ fused AdamW", ["optim.fused=null"]),
@@ -257,14 +258,14 @@ LEVERS = [
     ("+ length-sorted evaluation batches", ["data.sort_eval_by_length=true"]),
     ("+ bf16 autocast", ["trainer.mixed_precision=bf16"]),
     ("+ fused inference (bias and GELU inside oneDNN matmuls; evaluation only)", ["trainer.fused_inference=null"]),
-    ("+ pad to a multiple of 8", ["data.pad_to_multiple_of=8"]),
+    ("+ pad to a multiple of 8 (null, the default)", ["data.pad_to_multiple_of=null"]),
     ("+ fast dropout masks", ["trainer.fast_dropout=null"]),
     ("+ sparse embedding gradient in a persistent buffer", ["trainer.sparse_embedding_grad=null"]),
     (
         "+ first-token last layer (the [CLS] token only, after its keys and values)",
         ["trainer.first_token_last_layer=null"],
     ),
-    ("+ torch.compile (length buckets of 32)", ["data.pad_to_multiple_of=null", "trainer.compile=true"]),
+    ("+ torch.compile (length buckets of 32)", ["trainer.compile=true"]),
 ]
 
 

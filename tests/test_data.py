@@ -237,3 +237,8 @@ def test_collator_pads_to_the_bucket(tokenizer, tmp_path):
     assert widths <= {32, 64, 96, 128} and widths
     eight = make_collator(tokenizer, mrpc_config(pad_to_multiple_of=8))
     assert all(b["input_ids"].shape[1] % 8 == 0 for b in eval_loader(bundle.eval, 8, eight))
+    # null rounds to 8 too (fewer shapes for oneDNN's per-shape kernels); 1 is the longest row itself
+    default = eval_loader(bundle.eval, 8, make_collator(tokenizer, mrpc_config()))
+    assert all(b["input_ids"].shape[1] % 8 == 0 for b in default)
+    exact = eval_loader(bundle.eval, 8, make_collator(tokenizer, mrpc_config(pad_to_multiple_of=1)))
+    assert all(b["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max()) for b in exact)
