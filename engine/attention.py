@@ -25,6 +25,8 @@ rounded to bf16 before the softmax, as in any bf16 eager attention.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,18 +78,22 @@ def folded_attention(
     return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
 
 
-def _engine_attention(
+def sdpa_fast_dropout_attention(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    dropout: float,
-    scaling: float | None,
-    is_causal: bool | None,
-    dropout_training: bool,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    *,
+    dropout_training: bool = True,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    """``sdpa_fast_dropout``: SDPA, except CPU training with attention dropout (packed mask) and
+    marked modules' CPU bf16 inference, both :func:`folded_attention`. With ``dropout_training``
+    false (``sdpa_bf16_inference``) training attention is SDPA's."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     own_kernel = not (
@@ -107,39 +113,8 @@ def _engine_attention(
     )
 
 
-def sdpa_fast_dropout_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """``sdpa_fast_dropout``: SDPA, except CPU training with attention dropout (packed mask) and
-    marked modules' CPU bf16 inference, both :func:`folded_attention`."""
-    return _engine_attention(
-        module, query, key, value, attention_mask, dropout, scaling, is_causal, dropout_training=True, **kwargs
-    )
-
-
-def sdpa_bf16_inference_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """``sdpa_bf16_inference``: SDPA, except marked modules' CPU bf16 inference (:func:`folded_attention`)."""
-    return _engine_attention(
-        module, query, key, value, attention_mask, dropout, scaling, is_causal, dropout_training=False, **kwargs
-    )
+# ``sdpa_bf16_inference``: SDPA, except marked modules' CPU bf16 inference (:func:`folded_attention`).
+sdpa_bf16_inference_attention = functools.partial(sdpa_fast_dropout_attention, dropout_training=False)
 
 
 def use_engine_attention(hf_model: nn.Module, name: str) -> bool:
