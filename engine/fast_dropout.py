@@ -11,9 +11,8 @@ Masks come from torch's default CPU generator, so ``seed`` and resumed runs repr
 them. Attention-probability dropout has its own path: with dropout on, CPU SDPA takes its
 math kernel (one Bernoulli draw per attention weight, plus a masked-row check); the
 ``sdpa_fast_dropout`` attention (:mod:`engine.attention`) uses the packed mask instead and
-SDPA wherever dropout is off (evaluation, prediction). With ``model.attn_implementation=eager`` only the ``nn.Dropout``
-modules are swapped. Neither changes a
-parameter or a ``state_dict`` key.
+SDPA wherever dropout is off (evaluation, prediction). With ``model.attn_implementation=eager``
+only the ``nn.Dropout`` modules are swapped. Neither changes a parameter or a ``state_dict`` key.
 """
 
 from __future__ import annotations

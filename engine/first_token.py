@@ -54,10 +54,10 @@ class FirstTokenLayer(nn.Module):
         attention = self.attention.self
         batch, length, _ = hidden_states.shape
         first = hidden_states[:, :1]
-        per_head = (batch, -1, attention.attention_head_size)
-        query = attention.query(first).view(batch, 1, *per_head[1:]).transpose(1, 2)
-        key = attention.key(hidden_states).view(*per_head[:1], length, *per_head[1:]).transpose(1, 2)
-        value = attention.value(hidden_states).view(*per_head[:1], length, *per_head[1:]).transpose(1, 2)
+        head_size = attention.attention_head_size
+        query = attention.query(first).view(batch, 1, -1, head_size).transpose(1, 2)
+        key = attention.key(hidden_states).view(batch, length, -1, head_size).transpose(1, 2)
+        value = attention.value(hidden_states).view(batch, length, -1, head_size).transpose(1, 2)
         if attention_mask is not None:
             attention_mask = attention_mask[..., :1, :]  # (batch, 1, queries, keys): the first query's row
         kwargs.pop("encoder_attention_mask", None)

@@ -120,7 +120,6 @@ def enable_fused_inference(hf_model: nn.Module) -> tuple[int, int]:
     ``dense`` + exact-GELU ``intermediate_act_fn`` pair (BERT-family feed-forward) into the linear;
     an SDPA model's attention takes :func:`engine.attention.folded_attention` on the fused path.
     In place; returns (linears, GELUs folded)."""
-
     linears = folded = 0
     for module in hf_model.modules():
         if type(module) is nn.Linear:
