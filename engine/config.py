@@ -163,6 +163,10 @@ class TrainerConfig:
     # 14% fewer matmul FLOPs for MiniLM. null: on for the supported heads (engine/first_token.py);
     # true on another model is an error.
     first_token_last_layer: bool | None = None
+    # Gradient clipping's multiply done inside the fused AdamW step (its grad_scale), saving a
+    # pass over every gradient. null: on for CPU training on the manual backend with a fused
+    # optimizer and no fp16 scaler (engine/clip_in_step.py); true where it cannot apply is an error.
+    clip_in_step: bool | None = None
 
 
 @dataclass

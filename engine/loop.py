@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine import checkpoint, resume, tracking
 from engine.backend import Backend, make_backend
+from engine.clip_in_step import use_clip_in_step
 from engine.config import Config, MixedPrecision, NonFinite, OptimConfig, ProblemType, validate
 from engine.data import eval_loader, format_preflight, load_data, make_collator, restore_order, row_order, train_loader
 from engine.embedding_grad import enable_sparse_embedding_grad, use_sparse_embedding_grad
@@ -416,6 +417,10 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
         num_training_steps=total_steps,
     )
     (scheduler,) = backend.prepare(scheduler)
+    fp16 = backend.mixed_precision == MixedPrecision.fp16
+    if use_clip_in_step(t.clip_in_step, backend.name, backend.device, fp16, optimizer, t.max_grad_norm):
+        backend.clip_in_step(optimizer)
+        log.info("gradient clipping inside the fused optimizer step (grad_scale)")
 
     # --- Resume: a saved state replaces the fresh weights, optimizer and schedule -------
     progress = Progress()
