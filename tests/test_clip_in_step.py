@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from engine.clip_in_step import StepScaleClipper, use_clip_in_step
+from engine.embedding_grad import enable_sparse_embedding_grad
 from engine.errors import EngineError
 from engine.loop import train
 from tests.conftest import TINY
+from tests.test_model import batch, tiny
 
 
 def _params_with_grads(seed: int, scale: float) -> list[torch.nn.Parameter]:
@@ -49,6 +51,24 @@ def test_update_equals_clip_then_step(max_norm):
         assert not hasattr(folded_opt, "grad_scale")  # one step only
         for a, b in zip(folded, reference, strict=True):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_norm_reads_only_the_written_rows_of_the_sparse_embedding_buffer():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    enable_sparse_embedding_grad(model.hf_model)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    clipper = StepScaleClipper(optimizer)
+    model(**batch()).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    expected = torch.nn.utils.get_total_norm(grads)
+    assert torch.allclose(clipper.clip_grad_norm_(model.parameters(), 1.0), expected, rtol=1e-6)
+    buffer = model.hf_model.get_input_embeddings().weight.grad
+    untouched = next(row for row in range(buffer.shape[0]) if not buffer[row].any())
+    buffer.data[untouched] = 100.0  # unseen by the version counter: proves only written rows are read
+    assert torch.allclose(clipper.clip_grad_norm_(model.parameters(), 1.0), expected, rtol=1e-6)
+    buffer.mul_(1.0)  # a visible in-place write: every row is read again
+    assert clipper.clip_grad_norm_(model.parameters(), 1.0) > 100.0
 
 
 def test_default_rules_and_errors():

@@ -61,6 +61,31 @@ def test_gradient_equals_the_dense_backward_and_reuses_one_buffer():
         assert (p_dense.grad is None) == (p_sparse.grad is None)
 
 
+def test_only_written_rows_are_zeroed_unless_something_else_wrote_the_buffer():
+    torch.manual_seed(0)
+    dense, sparse = tiny().eval(), tiny().eval()
+    sparse.load_state_dict(dense.state_dict())
+    enable_sparse_embedding_grad(sparse.hf_model)
+    weight = sparse.hf_model.get_input_embeddings().weight
+    first, second = _batch(6, 10), _batch(4, 12)
+    sparse(**first).loss.backward()
+    buffer = weight.grad
+    untouched = next(row for row in range(buffer.shape[0]) if row not in set(first["input_ids"].flatten().tolist()))
+    # .data shares the storage but not the version counter: a write the hook cannot see, so it
+    # shows which rows the next gradient zeroes (the previous gradient's only)
+    buffer.data[untouched] = 7.0
+    sparse.zero_grad(set_to_none=True)
+    sparse(**second).loss.backward()
+    assert weight.grad is buffer and torch.all(buffer[untouched] == 7.0)
+    # a visible in-place write (clipping's multiply, a user's add) means a whole zeroing next time
+    buffer.add_(1.0)
+    sparse.zero_grad(set_to_none=True)
+    for model in (dense, sparse):
+        model(**first).loss.backward()
+    dense_grad = dense.hf_model.get_input_embeddings().weight.grad
+    assert weight.grad is buffer and torch.allclose(buffer, dense_grad, atol=1e-6)
+
+
 def test_state_dict_and_eval_logits_are_unchanged():
     plain, swapped = tiny(), tiny()
     swapped.load_state_dict(plain.state_dict())
