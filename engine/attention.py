@@ -26,6 +26,7 @@ rounded to bf16 before the softmax, as in any bf16 eager attention.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +39,36 @@ FAST_DROPOUT_ATTENTION = "sdpa_fast_dropout"
 INFERENCE_ATTENTION = "sdpa_bf16_inference"
 
 
+_LAST_BIAS: list[tuple[weakref.ref, tuple[int, int, int, int], torch.dtype, int | None, torch.Tensor]] = []
+
+
 def additive_mask(
     mask: torch.Tensor | None, shape: tuple[int, int, int, int], dtype: torch.dtype = torch.float32
 ) -> torch.Tensor | None:
     """SDPA's ``attn_mask`` (bool, True = attend, or additive float; broadcastable to ``shape``
-    = batch, heads, query length, key length) as a ``(batch * heads, q, k)`` bias in ``dtype``."""
+    = batch, heads, query length, key length) as a ``(batch * heads, q, k)`` bias in ``dtype``.
+
+    Every layer of a forward gets the same mask tensor: the bias made for it is kept (one, for as
+    long as that tensor lives unchanged) and handed to the next layer instead of being rebuilt."""
     if mask is None:
         return None
+    version = None if mask.is_inference() else mask._version  # inference tensors keep no version
+    if _LAST_BIAS:
+        ref, last_shape, last_dtype, last_version, bias = _LAST_BIAS[0]
+        if ref() is mask and (last_shape, last_dtype, last_version) == (shape, dtype, version):
+            return bias
+    bias = _bias(mask, shape, dtype)
+    _LAST_BIAS[:] = [(weakref.ref(mask, _forget), shape, dtype, version, bias)]
+    return bias
+
+
+def _forget(ref: weakref.ref) -> None:
+    """The mask is gone: so goes its bias (a long batch's bias is large)."""
+    if _LAST_BIAS and _LAST_BIAS[0][0] is ref:
+        _LAST_BIAS.clear()
+
+
+def _bias(mask: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
         bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
         bias.masked_fill_(~mask, torch.finfo(dtype).min)

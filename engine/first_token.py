@@ -35,13 +35,15 @@ FIRST_TOKEN_HEADS = {
 }
 
 
-def _attention_interface(attention: nn.Module):
-    """The attention function the layer's own self-attention would call (eager from its module)."""
+def attention_interface(attention: nn.Module):
+    """The attention function the self-attention module would call (eager from the transformers
+    module that defines its class, also after the engine swapped the class for a subclass)."""
     import sys
 
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    eager = sys.modules[type(attention).__module__].eager_attention_forward
+    modules = (sys.modules.get(cls.__module__) for cls in type(attention).__mro__)
+    eager = next(m.eager_attention_forward for m in modules if hasattr(m, "eager_attention_forward"))
     return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager)
 
 
@@ -62,7 +64,7 @@ class FirstTokenLayer(nn.Module):
             attention_mask = attention_mask[..., :1, :]  # (batch, 1, queries, keys): the first query's row
         kwargs.pop("encoder_attention_mask", None)
         kwargs.pop("cache", None)
-        out, _ = _attention_interface(attention)(
+        out, _ = attention_interface(attention)(
             attention,
             query,
             key,

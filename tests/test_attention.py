@@ -148,3 +148,25 @@ def test_registered_names_and_marks():
     assert mark_inference_attention(eager.hf_model) == 0
     assert not use_engine_attention(eager.hf_model, FAST_DROPOUT_ATTENTION)
     assert eager.hf_model.config._attn_implementation == "eager"
+
+
+def test_the_mask_bias_is_built_once_per_mask_and_not_kept_after_it():
+    from engine.attention import _LAST_BIAS, additive_mask
+
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False
+    shape = (2, 4, 5, 5)
+    bias = additive_mask(mask, shape, torch.bfloat16)
+    assert bias.shape == (8, 5, 5) and bias[4:, :, 3:].eq(torch.finfo(torch.bfloat16).min).all()
+    assert bias[:4].eq(0).all() and bias[4:, :, :3].eq(0).all()
+    assert additive_mask(mask, shape, torch.bfloat16) is bias  # the next layer's call: the same bias
+    assert additive_mask(mask, shape, torch.float32) is not bias  # another dtype: built again
+    mask[0, ..., 4:] = False  # an in-place change: built again, with it
+    assert additive_mask(mask, shape, torch.float32)[0, :, 4].eq(torch.finfo(torch.float32).min).all()
+    other = mask.clone()
+    assert additive_mask(other, shape, torch.float32) is not additive_mask(mask, shape, torch.float32)
+    del mask, other
+    assert not _LAST_BIAS  # the mask is gone, and so is its bias
+    with torch.inference_mode():  # inference tensors keep no version counter
+        mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+        assert additive_mask(mask, shape) is additive_mask(mask, shape)
