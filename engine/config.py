@@ -154,7 +154,8 @@ class TrainerConfig:
     # CPU training without compile; true needs a single process (DDP reduces dense gradients).
     sparse_embedding_grad: bool | None = None
     # Evaluation under CPU bf16 autocast: each linear layer's bias, and the feed-forward GELU, inside
-    # one oneDNN matmul call, and attention as batched bf16 matmuls (training forwards are untouched).
+    # one oneDNN matmul call, query/key/value as one product, and attention as batched bf16 matmuls
+    # (training forwards are untouched).
     # null: on where the CPU has native bf16 (1.09x, then 1.06x for the attention, the median eval
     # samples/s over ten whole MRPC evaluations, interleaved A/B).
     fused_inference: bool | None = None

@@ -14,6 +14,7 @@ from engine.attention import INFERENCE_ATTENTION, folded_attention
 from engine.fused_inference import (
     FoldedActivation,
     InferenceFusedLinear,
+    InferenceFusedQKV,
     enable_fused_inference,
     frozen_weights,
     fused_inference_supported,
@@ -42,6 +43,7 @@ def test_swap_counts_layers_and_keeps_checkpoint_keys():
     layers = plain.hf_model.config.num_hidden_layers
     assert enable_fused_inference(fused.hf_model) == (linears, layers)
     assert sum(isinstance(m, FoldedActivation) for m in fused.hf_model.modules()) == layers
+    assert sum(isinstance(m, InferenceFusedQKV) for m in fused.hf_model.modules()) == layers
     assert all(isinstance(m, nn.Linear) for m in fused.hf_model.modules() if isinstance(m, InferenceFusedLinear))
     assert plain_state_dict(fused).keys() == plain_state_dict(plain).keys()
     assert all(
@@ -59,7 +61,10 @@ def test_fused_eval_logits_match_autocast_and_take_the_fused_path(monkeypatch):
 
     def counting(*args):
         calls.append(args[3])
+        widths.append(args[1].shape[0])  # output features
         return original(*args)
+
+    widths = []
 
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
     attention_calls = []
@@ -68,7 +73,9 @@ def test_fused_eval_logits_match_autocast_and_take_the_fused_path(monkeypatch):
     )
     assert fused.hf_model.config._attn_implementation == INFERENCE_ATTENTION
     expected, got = _bf16_eval_logits(plain), _bf16_eval_logits(fused)
-    assert calls.count("gelu") == 2 and len(calls) == 14  # every linear, the 2 feed-forward GELUs fused
+    # every linear, each layer's query, key and value as one product, the 2 feed-forward GELUs fused
+    hidden = plain.hf_model.config.hidden_size
+    assert calls.count("gelu") == 2 and len(calls) == 10 and widths.count(3 * hidden) == 2
     assert len(attention_calls) == 2  # each layer's attention in bf16 batched matmuls
     assert torch.allclose(got, expected, atol=2e-2), (got - expected).abs().max()
     # outside bf16 autocast (fp32 evaluation) nothing is fused and the logits are the plain ones
