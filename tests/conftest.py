@@ -99,3 +99,26 @@ class PicklePayload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.target}",))
+
+
+def assert_same_training(run: Path, reference: Path, evaluations: int) -> None:
+    """Two runs of one config that differ in a lever meant to change no result: the same number of
+    evaluations with the same dev losses (1e-4) and accuracies, and the same best-checkpoint keys
+    and weights (1e-5)."""
+    import json
+
+    import torch
+
+    def records(run_dir: Path) -> list[dict]:
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    got, expected = records(run), records(reference)
+    assert len(got) == len(expected) == evaluations
+    for a, b in zip(got, expected, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        assert a["accuracy"] == b["accuracy"]
+    saved = torch.load(run / "best_acc_classify.pth")
+    reference_weights = torch.load(reference / "best_acc_classify.pth")
+    assert saved.keys() == reference_weights.keys()
+    for key in saved:
+        assert torch.allclose(saved[key], reference_weights[key], atol=1e-5), key

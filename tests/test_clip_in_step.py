@@ -3,8 +3,6 @@ clip-then-step does, returns the same norm, serves one step only; clear errors w
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from engine.clip_in_step import StepScaleClipper, use_clip_in_step
 from engine.embedding_grad import enable_sparse_embedding_grad
 from engine.errors import EngineError
 from engine.loop import train
-from tests.conftest import TINY
+from tests.conftest import TINY, assert_same_training
 from tests.test_model import batch, tiny
 
 
@@ -103,15 +101,4 @@ def test_training_with_the_fold_equals_training_without(make_cfg, tmp_path):
     assert "gradient clipping inside the fused optimizer step" in logs["fold"]
     assert "gradient clipping inside" not in logs["clip"]
 
-    def records(run):
-        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-
-    fold, clip = records("fold"), records("clip")
-    assert len(fold) == len(clip) == 2
-    for a, b in zip(fold, clip, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
-        assert a["accuracy"] == b["accuracy"]
-    saved = torch.load(tmp_path / "fold" / "best_acc_classify.pth")
-    reference = torch.load(tmp_path / "clip" / "best_acc_classify.pth")
-    for key in saved:
-        assert torch.allclose(saved[key], reference[key], atol=1e-5), key
+    assert_same_training(tmp_path / "fold", tmp_path / "clip", evaluations=2)

@@ -3,8 +3,6 @@ same training, same checkpoint keys; a clear error where DDP would reject it."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from engine.embedding_grad import enable_sparse_embedding_grad, use_sparse_embed
 from engine.errors import EngineError
 from engine.loop import train
 from engine.model import plain_state_dict
-from tests.conftest import TINY
+from tests.conftest import TINY, assert_same_training
 from tests.test_model import batch, tiny
 
 
@@ -114,16 +112,4 @@ def test_training_with_the_buffer_equals_training_without(make_cfg, tmp_path):
     assert "sparse embedding gradient: " in (tmp_path / "sparse" / "train.log").read_text()
     assert "sparse embedding gradient" not in (tmp_path / "dense" / "train.log").read_text()
 
-    def evals(run):
-        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-
-    sparse, dense = evals("sparse"), evals("dense")
-    assert len(sparse) == len(dense) == 2
-    for a, b in zip(sparse, dense, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
-        assert a["accuracy"] == b["accuracy"]
-    saved = torch.load(tmp_path / "sparse" / "best_acc_classify.pth")
-    reference = torch.load(tmp_path / "dense" / "best_acc_classify.pth")
-    assert saved.keys() == reference.keys()
-    key = next(k for k in saved if "word_embeddings" in k)
-    assert torch.allclose(saved[key], reference[key], atol=1e-5)
+    assert_same_training(tmp_path / "sparse", tmp_path / "dense", evaluations=2)
