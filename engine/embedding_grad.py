@@ -23,6 +23,8 @@ Single-process only: DDP all-reduces dense gradient buckets and rejects a sparse
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -79,11 +81,13 @@ def enable_sparse_embedding_grad(hf_model: nn.Module) -> nn.Embedding | None:
         if not grad.is_sparse:
             if grad is buffer and buffer._version == known_version + 1:  # autograd's one accumulation
                 known_version = buffer._version
+            elif grad is buffer:  # written by something else too: which rows is unknown now
+                written.clear()
             return
         current = written.pop() if written else grad.coalesce().indices().reshape(-1)
         if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (grad.shape, grad.dtype, grad.device):
             buffer = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
-            buffer._engine_nonzero_rows = written_rows
+            buffer._engine_nonzero_rows = functools.partial(written_rows, buffer)
         elif buffer._version == known_version and written:
             buffer.index_fill_(0, torch.cat(written), 0)  # the only rows that can be non-zero
         else:
@@ -92,8 +96,8 @@ def enable_sparse_embedding_grad(hf_model: nn.Module) -> nn.Embedding | None:
         parameter.grad = buffer.add_(grad)
         known_version = buffer._version
 
-    def written_rows() -> torch.Tensor | None:
-        if buffer is None or buffer._version != known_version or not written:
+    def written_rows(tensor: torch.Tensor) -> torch.Tensor | None:
+        if tensor is not buffer or tensor._version != known_version or not written:
             return None
         return torch.unique(torch.cat(written))
 

@@ -141,17 +141,27 @@ class InferenceFusedQKV(nn.Module):
 
 
 _QKV_CLASSES: dict[type, type] = {}
+# Self-attention classes whose forward is exactly: query/key/value of the same input, the
+# attention function, reshape (others may add position terms to q and k, e.g. rotary ones).
+QKV_ATTENTIONS = {
+    "BertSelfAttention",
+    "RobertaSelfAttention",
+    "XLMRobertaSelfAttention",
+    "CamembertSelfAttention",
+    "ElectraSelfAttention",
+}
 
 
 def _fuse_qkv(module: nn.Module) -> bool:
-    """Swap a bidirectional self-attention with fused query/key/value linears to :class:`InferenceFusedQKV`."""
+    """Swap a listed bidirectional self-attention with fused query/key/value linears to :class:`InferenceFusedQKV`."""
     linears = [getattr(module, name, None) for name in ("query", "key", "value")]
     if (
-        isinstance(module, InferenceFusedQKV)
+        type(module).__name__ not in QKV_ATTENTIONS
         or getattr(module, "is_causal", None) is not False
         or not all(isinstance(linear, InferenceFusedLinear) and linear.activation == "none" for linear in linears)
         or not all(hasattr(module, name) for name in ("attention_head_size", "scaling", "config"))
         or getattr(module.config, "is_decoder", False)
+        or getattr(module.config, "add_cross_attention", False)
     ):
         return False
     cls = type(module)

@@ -113,3 +113,18 @@ def test_training_with_the_buffer_equals_training_without(make_cfg, tmp_path):
     assert "sparse embedding gradient" not in (tmp_path / "dense" / "train.log").read_text()
 
     assert_same_training(tmp_path / "sparse", tmp_path / "dense", evaluations=2)
+
+
+def test_zero_grad_without_set_to_none_keeps_the_dense_gradient():
+    """``zero_grad(set_to_none=False)`` zeroes the buffer in place: autograd then accumulates into
+    it as into any dense gradient, and a later fresh gradient zeroes it whole."""
+    torch.manual_seed(0)
+    dense, sparse = tiny().eval(), tiny().eval()
+    sparse.load_state_dict(dense.state_dict())
+    enable_sparse_embedding_grad(sparse.hf_model)
+    for step, b in enumerate([_batch(6, 10), _batch(4, 12), _batch(3, 9), _batch(5, 11)]):
+        for model in (dense, sparse):
+            model.zero_grad(set_to_none=step == 3)  # in place for three steps, then a fresh gradient
+            model(**b).loss.backward()
+        want = dense.hf_model.get_input_embeddings().weight.grad
+        assert torch.allclose(sparse.hf_model.get_input_embeddings().weight.grad, want, atol=1e-6), step
