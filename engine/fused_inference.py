@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import EngineError
+from engine.first_token import attention_interface
 
 
 def fused_inference_supported() -> bool:
@@ -71,6 +72,26 @@ def frozen_weights() -> Iterator[None]:
         _FROZEN.pop()
 
 
+def _frozen_bf16(
+    owner: nn.Module, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """bf16 copies of ``weights`` and ``biases`` (each concatenated; no bias if any is missing),
+    kept for ``owner`` until the innermost :func:`frozen_weights` block ends, else made per call."""
+    cache = _FROZEN[-1] if _FROZEN else None
+    if cache is not None and owner in cache:
+        return cache[owner]
+
+    def bf16(tensors: list[torch.Tensor]) -> torch.Tensor:  # one tensor is cast as it is, without a joining copy
+        joined = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        return joined.detach().to(torch.bfloat16)
+
+    weight = bf16(weights)
+    bias = bf16(biases) if all(b is not None for b in biases) else None
+    if cache is not None:
+        cache[owner] = (weight, bias)
+    return weight, bias
+
+
 class InferenceFusedLinear(nn.Linear):
     """``nn.Linear`` whose fused-path forward is one oneDNN call (bias and ``activation`` included)."""
 
@@ -82,14 +103,7 @@ class InferenceFusedLinear(nn.Linear):
         Not cached across blocks on purpose: the fused AdamW kernel updates parameters in
         place without bumping their version counters, so no cheap check can tell a stale copy.
         """
-        cache = _FROZEN[-1] if _FROZEN else None
-        if cache is not None and self in cache:
-            return cache[self]
-        bias = None if self.bias is None else self.bias.detach().to(torch.bfloat16)
-        pair = (self.weight.detach().to(torch.bfloat16), bias)
-        if cache is not None:
-            cache[self] = pair
-        return pair
+        return _frozen_bf16(self, [self.weight], [self.bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fused_path(x):
@@ -108,24 +122,14 @@ class InferenceFusedQKV(nn.Module):
     elsewhere (training, fp32, a cache) the class's own forward runs."""
 
     def qkv_bf16_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cache = _FROZEN[-1] if _FROZEN else None
-        if cache is not None and self in cache:
-            return cache[self]
+        """The concatenated bf16 weight and bias of query, key and value, as :meth:`InferenceFusedLinear.bf16_parameters`."""
         linears = (self.query, self.key, self.value)
-        weight = torch.cat([linear.weight.detach() for linear in linears]).to(torch.bfloat16)
-        bias = None
-        if all(linear.bias is not None for linear in linears):
-            bias = torch.cat([linear.bias.detach() for linear in linears]).to(torch.bfloat16)
-        if cache is not None:
-            cache[self] = (weight, bias)
-        return weight, bias
+        return _frozen_bf16(self, [linear.weight for linear in linears], [linear.bias for linear in linears])
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         own = args or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
         if own or kwargs.get("encoder_hidden_states") is not None or not fused_path(hidden_states):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        from engine.first_token import attention_interface
-
         kwargs.pop("cache", None)
         batch, length, _ = hidden_states.shape
         weight, bias = self.qkv_bf16_parameters()
