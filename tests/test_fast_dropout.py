@@ -15,7 +15,9 @@ from engine.fast_dropout import (
     drop_threshold,
     enable_fast_dropout,
     fast_dropout,
+    keep_lanes,
     keep_mask,
+    keep_multiplier,
     use_fast_dropout,
 )
 from engine.loop import train
@@ -35,6 +37,22 @@ def test_mask_drops_at_the_requested_rate(p):
     lanes = keep.flatten()[: 4 * (keep.numel() // 4)].view(-1, 4).float().mean(0)
     assert torch.allclose(lanes, torch.full((4,), 1 - p), atol=0.004)
     assert drop_threshold(0.1) == -32768 + 6554
+
+
+@pytest.mark.parametrize("p", [0.0, 1 / 65536, 0.1, 0.5, 0.999, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_lane_value_is_kept_exactly_when_at_or_above_the_threshold(p, dtype):
+    """All 65536 int16 lanes: round(p * 65536) dropped, the int16 clamp-and-shift (and p = 0 or 1,
+    whose threshold lies outside int16) giving lane >= threshold as 0/1."""
+    lanes = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    keep = keep_lanes(lanes, p, dtype)
+    assert keep.dtype == dtype and torch.equal(keep, (lanes.int() >= drop_threshold(p)).to(dtype))
+    assert keep.double().sum().item() == 65536 - round(p * 65536)
+    torch.manual_seed(4)
+    drawn = keep_multiplier((3, 333), p, dtype)  # 999 lanes: a partial last word
+    torch.manual_seed(4)
+    words = torch.empty(250, dtype=torch.int64).random_(-(2**63), None)
+    assert torch.equal(drawn, keep_lanes(words.view(torch.int16)[:999].view(3, 333), p, dtype))
 
 
 def test_masks_follow_the_seed_and_differ_between_draws():
