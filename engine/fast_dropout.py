@@ -56,7 +56,7 @@ def keep_lanes(lanes: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tenso
     """``lanes >= drop_threshold(p)`` (int16 lanes) as 0/1 in ``dtype``."""
     threshold = drop_threshold(p)
     if -32768 < threshold <= 32767:
-        # in int16 (a third of float32's bytes per pass): lanes clamp to threshold - 1 (dropped)
+        # in int16 (half of float32's bytes per pass): lanes clamp to threshold - 1 (dropped)
         # or threshold (kept), then shift down to 0 or 1
         return lanes.clamp(threshold - 1, threshold).sub_(threshold - 1).to(dtype)
     # p = 0 or 1: the threshold lies outside int16; the same 0/1 through float32 (exact: |lane| <= 32768)
