@@ -78,14 +78,15 @@ class FirstTokenLayer(nn.Module):
         return self.feed_forward_chunk(attended)
 
 
-_CLASSES: dict[type, type] = {}
+_MIXED: dict[tuple[type, type], type] = {}
 
 
-def first_token_class(layer_class: type) -> type:
-    """``FirstTokenLayer`` over ``layer_class`` (one class per layer class, so pickling and ``type()`` agree)."""
-    if layer_class not in _CLASSES:
-        _CLASSES[layer_class] = type(f"FirstToken{layer_class.__name__}", (FirstTokenLayer, layer_class), {})
-    return _CLASSES[layer_class]
+def mixed_class(mixin: type, base: type, prefix: str) -> type:
+    """``mixin`` over ``base``, named ``prefix + base.__name__``: one class per pair, made once (so
+    every swapped module shares it and ``type()`` comparisons agree). The engine's class swaps use it."""
+    if (mixin, base) not in _MIXED:
+        _MIXED[mixin, base] = type(f"{prefix}{base.__name__}", (mixin, base), {})
+    return _MIXED[mixin, base]
 
 
 def last_layer(hf_model: nn.Module) -> nn.Module | None:
@@ -127,5 +128,5 @@ def enable_first_token_last_layer(hf_model: nn.Module) -> nn.Module:
     if layer is None:
         raise EngineError(f"{type(hf_model).__name__}: no supported last encoder layer")
     if not isinstance(layer, FirstTokenLayer):
-        layer.__class__ = first_token_class(type(layer))
+        layer.__class__ = mixed_class(FirstTokenLayer, type(layer), "FirstToken")
     return layer

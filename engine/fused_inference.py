@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import EngineError
-from engine.first_token import attention_interface
+from engine.first_token import attention_interface, mixed_class
 
 
 def fused_inference_supported() -> bool:
@@ -144,7 +144,6 @@ class InferenceFusedQKV(nn.Module):
         return out.reshape(batch, length, -1).contiguous(), weights
 
 
-_QKV_CLASSES: dict[type, type] = {}
 # Self-attention classes whose forward is exactly: query/key/value of the same input, the
 # attention function, reshape (others may add position terms to q and k, e.g. rotary ones).
 QKV_ATTENTIONS = {
@@ -168,10 +167,7 @@ def _fuse_qkv(module: nn.Module) -> bool:
         or getattr(module.config, "add_cross_attention", False)
     ):
         return False
-    cls = type(module)
-    if cls not in _QKV_CLASSES:
-        _QKV_CLASSES[cls] = type(f"InferenceFusedQKV{cls.__name__}", (InferenceFusedQKV, cls), {})
-    module.__class__ = _QKV_CLASSES[cls]
+    module.__class__ = mixed_class(InferenceFusedQKV, type(module), "InferenceFusedQKV")
     return True
 
 
