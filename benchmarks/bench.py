@@ -240,7 +240,8 @@ LEVERS = [
     # (row label, overrides added to the previous row's): each row keeps the levers above it.
     (
         "baseline: random batches, unsorted eval, fp32, per-tensor AdamW, per-element dropout draws, "
-        "dense embedding gradient, unfused inference, full last layer, no length rounding, clipping as its own pass",
+        "dense embedding gradient, unfused inference, full last layer, padded evaluation, no length rounding, "
+        "clipping as its own pass",
         [
             "data.group_by_length=false",
             "data.sort_eval_by_length=false",
@@ -250,6 +251,7 @@ LEVERS = [
             "trainer.sparse_embedding_grad=false",
             "trainer.fused_inference=false",
             "trainer.first_token_last_layer=false",
+            "trainer.packed_inference=false",
             "data.pad_to_multiple_of=1",
             "trainer.clip_in_step=false",
         ],
@@ -265,6 +267,10 @@ LEVERS = [
     (
         "+ first-token last layer (the [CLS] token only, after its keys and values)",
         ["trainer.first_token_last_layer=null"],
+    ),
+    (
+        "+ packed evaluation (no padding positions outside attention; evaluation only)",
+        ["trainer.packed_inference=null"],
     ),
     ("+ gradient clipping inside the fused AdamW step (every default on)", ["trainer.clip_in_step=null"]),
     ("+ torch.compile (length buckets of 32)", ["trainer.compile=true"]),

@@ -91,15 +91,29 @@ def folded_attention(
     head_dim)`` (contiguous), as transformers attention functions do."""
     batch, heads, q_len, head_dim = query.shape
     k_len = key.shape[2]
-    with torch.autocast(query.device.type, enabled=False):  # the inputs' dtype is the compute dtype
-        q = query.reshape(batch * heads, q_len, head_dim)
-        k = key.to(q.dtype).reshape(batch * heads, k_len, head_dim).transpose(1, 2)
-        v = value.to(q.dtype).reshape(batch * heads, k_len, head_dim)
-        bias = additive_mask(mask, (batch, heads, q_len, k_len), q.dtype)
+    q = query.reshape(batch * heads, q_len, head_dim)
+    k = key.to(q.dtype).reshape(batch * heads, k_len, head_dim)
+    v = value.to(q.dtype).reshape(batch * heads, k_len, head_dim)
+    bias = additive_mask(mask, (batch, heads, q_len, k_len), q.dtype)
+    out = folded_products(q, k, v, bias, scaling, dropout)
+    return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
+
+
+def folded_products(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """:func:`folded_attention`'s arithmetic on heads folded into the batch: ``q`` ``(n, q_len, d)``,
+    ``k`` and ``v`` ``(n, k_len, d)``, ``bias`` ``(n, q_len, k_len)`` or None; returns ``(n, q_len, d)``."""
+    with torch.autocast(q.device.type, enabled=False):  # the inputs' dtype is the compute dtype
+        k = k.transpose(1, 2)
         scores = torch.bmm(q, k).mul_(scaling) if bias is None else torch.baddbmm(bias, q, k, alpha=scaling)
         weights = fast_dropout(F.softmax(scores, dim=-1), dropout)  # float32 accumulation inside
-        out = torch.bmm(weights, v)
-    return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
+        return torch.bmm(weights, v)
 
 
 def sdpa_fast_dropout_attention(

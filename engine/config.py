@@ -164,6 +164,11 @@ class TrainerConfig:
     # 14% fewer matmul FLOPs for MiniLM. null: on for the supported heads (engine/first_token.py);
     # true on another model is an error.
     first_token_last_layer: bool | None = None
+    # Evaluation under fused inference without the padding positions in the per-token work: the
+    # real tokens as one matrix through every linear, LayerNorm and GELU, padded only inside
+    # attention (engine/packed_inference.py): the same logits, 13% fewer matmul rows on MRPC dev.
+    # null: on where fused inference is on, for the first_token_last_layer heads; true elsewhere is an error.
+    packed_inference: bool | None = None
     # Gradient clipping's multiply done inside the fused AdamW step (its grad_scale), saving a
     # pass over every gradient. null: on for CPU training on the manual backend with a fused
     # optimizer and no fp16 scaler (engine/clip_in_step.py); true where it cannot apply is an error.

@@ -40,6 +40,7 @@ from engine.model import (
     plain_state_dict,
     resolve_class_weights,
 )
+from engine.packed_inference import enable_packed_inference, use_packed_inference
 from engine.resume import Progress
 
 log = logging.getLogger("engine.loop")
@@ -155,11 +156,16 @@ def compile_model(classifier: torch.nn.Module, config: Config) -> int:
 
 
 def fuse_inference_linears(hf_model: torch.nn.Module, config: Config, backend: Backend) -> None:
-    """``trainer.fused_inference``: bias and GELU inside the matmul for CPU bf16 evaluation."""
+    """``trainer.fused_inference``: bias and GELU inside the matmul for CPU bf16 evaluation; then
+    ``trainer.packed_inference``: no padding positions outside attention."""
     bf16 = backend.mixed_precision == MixedPrecision.bf16
-    if use_fused_inference(config.trainer.fused_inference, backend.device, bf16, config.trainer.compile):
+    fused = use_fused_inference(config.trainer.fused_inference, backend.device, bf16, config.trainer.compile)
+    if fused:
         linears, gelus = enable_fused_inference(hf_model)
         log.info("fused inference: %d linear layers, %d GELUs folded into them (CPU bf16 evaluation)", linears, gelus)
+    if use_packed_inference(config.trainer.packed_inference, fused, hf_model):
+        encoder = enable_packed_inference(hf_model)
+        log.info("packed inference: %s computes only the real tokens outside attention", type(encoder).__name__)
 
 
 def first_token_only(hf_model: torch.nn.Module, config: Config) -> None:
