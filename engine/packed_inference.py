@@ -64,9 +64,7 @@ def padding_rows(
     if (
         mask is None  # no padding (or a mask kind left to the encoder): nothing to drop
         or mask.dtype != torch.bool
-        or mask.dim() != 4
-        or mask.shape[1] != 1
-        or mask.shape[2] != hidden_states.shape[1]
+        or mask.shape != (hidden_states.shape[0], 1, hidden_states.shape[1], hidden_states.shape[1])
         or any(kwargs.get(name) for name in unsupported)
         or any(v for k, v in kwargs.items() if k.startswith("output_"))
         or not fused_path(hidden_states)

@@ -52,3 +52,26 @@ def test_flop_accounting_of_the_first_token_last_layer():
     per_layer = 4 * (hidden * hidden + hidden) + 2 * hidden * ff + ff + hidden + 4 * hidden
     assert total == layers * per_layer + hidden * hidden + hidden + hidden * 2 + 2  # + pooler, classifier
     assert first_only == 2 * (hidden * hidden + hidden) + 2 * hidden * ff + ff + hidden
+
+
+def test_flop_share_against_the_peaks_measured_next_to_each_run():
+    """Each run's model FLOP rate over the mean of the bf16 peaks measured just before and after it,
+    averaged over runs; performed FLOPs count first-token-only parameters once a sample."""
+    runs = [
+        {
+            "tokens_per_s": 1000.0,
+            "train_samples_per_s": 20.0,
+            "adjacent_bf16_peak": 60.0,
+            "first_token_last_layer": True,
+        },
+        {
+            "tokens_per_s": 500.0,
+            "train_samples_per_s": 10.0,
+            "adjacent_bf16_peak": 30.0,
+            "first_token_last_layer": True,
+        },
+    ]
+    # 6 x 10M parameters x 1000 tokens/s = 60 GFLOP/s against 60: 100%; the second also 100%.
+    # performed: (6 x (6M x 1000 + 4M x 20)) / 60e9 = 0.608
+    text = _bench().adjacent_share(runs, 10_000_000, 4_000_000)
+    assert text.endswith("(60, 30 GFLOP/s): 100% of it in model FLOPs (performed: 61%)")

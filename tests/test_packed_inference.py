@@ -129,6 +129,17 @@ def test_the_encoder_s_own_forward_runs_where_packing_cannot_apply(linear_rows):
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         packed(**inputs)
     assert min(linear_rows[:-2]) == 80
+    # a mask broadcast over the batch, or one whose query rows differ (not a key-padding mask)
+    hidden = torch.randn(5, 16, 32, generator=torch.Generator().manual_seed(0))
+    broadcast = torch.ones(1, 1, 16, 16, dtype=torch.bool)
+    broadcast[..., 12:] = False
+    causal = torch.ones(16, 16, dtype=torch.bool).tril().expand(5, 1, 16, 16)
+    for mask in (broadcast, causal):
+        linear_rows.clear()
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got = packed.bert.encoder(hidden, mask).last_hidden_state
+            assert torch.equal(got, padded.bert.encoder(hidden, mask).last_hidden_state)
+        assert min(linear_rows) == 80
     # float32 inference and training forwards are the plain model's
     with torch.inference_mode():
         assert torch.equal(packed(**_inputs()).logits, padded(**_inputs()).logits)
