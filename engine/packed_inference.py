@@ -91,20 +91,20 @@ def packed_layer(
     attention = layer.attention.self
     batch, length = rows.shape
     heads, size = attention.num_attention_heads, attention.attention_head_size
-    weight, bias = attention.qkv_bf16_parameters()
-    keys = 3 * heads * size
+    weight, bias = attention.qkv_bf16_parameters()  # query, key and value weights stacked, in that order
+    width = heads * size
     first = isinstance(layer, FirstTokenLayer)
     if first:  # keys and values for every token, the query for the first ones (row offsets) only
         lengths = rows.sum(1)
         starts = lengths.cumsum(0) - lengths
         residual = x.index_select(0, starts)
-        query_weight, weight = weight[: keys // 3], weight[keys // 3 :]
-        query_bias, bias = (None, None) if bias is None else (bias[: keys // 3], bias[keys // 3 :])
+        query_weight, weight = weight[:width], weight[width:]
+        query_bias, bias = (None, None) if bias is None else (bias[:width], bias[width:])
         query = linear(residual, query_weight, query_bias).view(batch * heads, 1, size)
     else:
         residual = x
     projected = linear(x, weight, bias)  # (tokens, [3 or 2] * heads * size)
-    parts = projected.shape[1] // (heads * size)
+    parts = projected.shape[1] // width
     # Scatter into zeroed heads: padded keys get a zero value (their weight is 0; zeros keep 0 * value finite).
     padded = projected.new_zeros(parts, batch, heads, length, size)
     b, position = flat // length, flat % length
@@ -114,10 +114,10 @@ def packed_layer(
     scores_bias = additive_mask(mask, (batch, heads, length, length), padded.dtype)
     if first:
         out = folded_products(query, key, value, scores_bias[:, :1], attention.scaling)
-        context = out.view(batch, heads * size)
+        context = out.view(batch, width)
     else:
         out = folded_products(padded[0], key, value, scores_bias, attention.scaling)
-        context = out.view(batch, heads, length, size).permute(0, 2, 1, 3)[b, position].reshape(-1, heads * size)
+        context = out.view(batch, heads, length, size).permute(0, 2, 1, 3)[b, position].reshape(-1, width)
     return layer.feed_forward_chunk(layer.attention.output(context, residual))
 
 
