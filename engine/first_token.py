@@ -122,11 +122,17 @@ def use_first_token_last_layer(setting: bool | None, hf_model: nn.Module) -> boo
     return supported if setting is None else bool(setting)
 
 
+def swap_class(module: nn.Module | None, mixin: type, prefix: str, missing: str) -> nn.Module:
+    """Mix ``mixin`` into ``module``'s class, in place and once (:func:`mixed_class`); returns the
+    module. No module (the model is not supported) is an :class:`EngineError` saying ``missing``."""
+    if module is None:
+        raise EngineError(missing)
+    if not isinstance(module, mixin):
+        module.__class__ = mixed_class(mixin, type(module), prefix)
+    return module
+
+
 def enable_first_token_last_layer(hf_model: nn.Module) -> nn.Module:
     """Make the last encoder layer compute only the first token, in place; returns that layer."""
-    layer = last_layer(hf_model)
-    if layer is None:
-        raise EngineError(f"{type(hf_model).__name__}: no supported last encoder layer")
-    if not isinstance(layer, FirstTokenLayer):
-        layer.__class__ = mixed_class(FirstTokenLayer, type(layer), "FirstToken")
-    return layer
+    missing = f"{type(hf_model).__name__}: no supported last encoder layer"
+    return swap_class(last_layer(hf_model), FirstTokenLayer, "FirstToken", missing)

@@ -30,7 +30,7 @@ from torch import nn
 
 from engine.attention import additive_mask, folded_products
 from engine.errors import EngineError
-from engine.first_token import FIRST_TOKEN_HEADS, FirstTokenLayer, mixed_class
+from engine.first_token import FIRST_TOKEN_HEADS, FirstTokenLayer, swap_class
 from engine.fused_inference import InferenceFusedQKV, fused_path
 
 
@@ -164,9 +164,5 @@ def use_packed_inference(setting: bool | None, fused: bool, hf_model: nn.Module)
 
 def enable_packed_inference(hf_model: nn.Module) -> nn.Module:
     """Swap the encoder's class for the packed one, in place; returns the encoder."""
-    encoder = packable_encoder(hf_model)
-    if encoder is None:
-        raise EngineError(f"{type(hf_model).__name__}: no encoder the packed evaluation supports")
-    if not isinstance(encoder, PackedInferenceEncoder):
-        encoder.__class__ = mixed_class(PackedInferenceEncoder, type(encoder), "Packed")
-    return encoder
+    missing = f"{type(hf_model).__name__}: no encoder the packed evaluation supports"
+    return swap_class(packable_encoder(hf_model), PackedInferenceEncoder, "Packed", missing)
