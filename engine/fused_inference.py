@@ -92,6 +92,15 @@ def _frozen_bf16(
     return weight, bias
 
 
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"):
+    """The fused path's product: ``x`` (any leading shape, cast to bf16) times the bf16 ``weight``
+    with ``bias`` and ``activation`` ("none" or exact "gelu") inside one oneDNN call."""
+    flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    algorithm = "none" if activation == "gelu" else ""  # exact (erf) GELU
+    out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, activation, [], algorithm)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 class InferenceFusedLinear(nn.Linear):
     """``nn.Linear`` whose fused-path forward is one oneDNN call (bias and ``activation`` included)."""
 
@@ -108,11 +117,7 @@ class InferenceFusedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fused_path(x):
             return F.linear(x, self.weight, self.bias)
-        weight, bias = self.bf16_parameters()
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        algorithm = "none" if self.activation == "gelu" else ""  # exact (erf) GELU
-        out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, self.activation, [], algorithm)
-        return out.view(*x.shape[:-1], self.out_features)
+        return fused_linear(x, *self.bf16_parameters(), self.activation)
 
 
 class InferenceFusedQKV(nn.Module):
@@ -132,9 +137,7 @@ class InferenceFusedQKV(nn.Module):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         kwargs.pop("cache", None)
         batch, length, _ = hidden_states.shape
-        weight, bias = self.qkv_bf16_parameters()
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1]).to(torch.bfloat16)
-        qkv = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+        qkv = fused_linear(hidden_states, *self.qkv_bf16_parameters())
         # (batch, length, 3, heads, head_size) -> three contiguous (batch, heads, length, head_size), one copy
         qkv = qkv.view(batch, length, 3, -1, self.attention_head_size).permute(2, 0, 3, 1, 4).contiguous()
         query, key, value = qkv.unbind(0)

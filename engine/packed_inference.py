@@ -31,7 +31,7 @@ from torch import nn
 from engine.attention import additive_mask, folded_products
 from engine.errors import EngineError
 from engine.first_token import FIRST_TOKEN_HEADS, FirstTokenLayer, swap_class
-from engine.fused_inference import InferenceFusedQKV, fused_path
+from engine.fused_inference import InferenceFusedQKV, fused_linear, fused_path
 
 
 class PackedInferenceEncoder(nn.Module):
@@ -46,9 +46,10 @@ class PackedInferenceEncoder(nn.Module):
 
         batch, length, hidden = hidden_states.shape
         flat = rows.reshape(-1).nonzero().squeeze(1)  # the real positions of the flattened batch
+        positions = (flat // length, flat % length)  # their (row, position) in the batch
         x = hidden_states.reshape(batch * length, hidden).index_select(0, flat)
         for layer in self.layer:
-            x = packed_layer(layer, x, flat, rows, attention_mask)
+            x = packed_layer(layer, x, positions, rows, attention_mask)
         if isinstance(self.layer[-1], FirstTokenLayer):
             last = x.view(batch, 1, hidden)  # as the unpacked first-token layer returns it
         else:
@@ -84,10 +85,15 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def packed_layer(
-    layer: nn.Module, x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor
+    layer: nn.Module,
+    x: torch.Tensor,
+    positions: tuple[torch.Tensor, torch.Tensor],
+    rows: torch.Tensor,
+    mask: torch.Tensor,
 ) -> torch.Tensor:
-    """One BERT-layout layer over the packed tokens ``x`` ``(tokens, hidden)``: attention padded to
-    the batch's ``rows`` ``(batch, length)``, all else per token. A first-token layer returns ``(batch, hidden)``."""
+    """One BERT-layout layer over the packed tokens ``x`` ``(tokens, hidden)``, at ``positions``
+    (row and position indices) of the batch's ``rows`` ``(batch, length)``: attention padded to the
+    batch, all else per token. A first-token layer returns ``(batch, hidden)``."""
     attention = layer.attention.self
     batch, length = rows.shape
     heads, size = attention.num_attention_heads, attention.attention_head_size
@@ -100,15 +106,14 @@ def packed_layer(
         residual = x.index_select(0, starts)
         query_weight, weight = weight[:width], weight[width:]
         query_bias, bias = (None, None) if bias is None else (bias[:width], bias[width:])
-        query = linear(residual, query_weight, query_bias).view(batch * heads, 1, size)
+        query = fused_linear(residual, query_weight, query_bias).view(batch * heads, 1, size)
     else:
         residual = x
-    projected = linear(x, weight, bias)  # (tokens, [3 or 2] * heads * size)
+    projected = fused_linear(x, weight, bias)  # (tokens, [3 or 2] * heads * size)
     parts = projected.shape[1] // width
     # Scatter into zeroed heads: padded keys get a zero value (their weight is 0; zeros keep 0 * value finite).
     padded = projected.new_zeros(parts, batch, heads, length, size)
-    b, position = flat // length, flat % length
-    padded.permute(1, 3, 0, 2, 4)[b, position] = projected.view(-1, parts, heads, size)
+    padded.permute(1, 3, 0, 2, 4)[positions] = projected.view(-1, parts, heads, size)
     padded = padded.view(parts, batch * heads, length, size)
     key, value = padded[-2], padded[-1]
     scores_bias = additive_mask(mask, (batch, heads, length, length), padded.dtype)
@@ -117,13 +122,8 @@ def packed_layer(
         context = out.view(batch, width)
     else:
         out = folded_products(padded[0], key, value, scores_bias, attention.scaling)
-        context = out.view(batch, heads, length, size).permute(0, 2, 1, 3)[b, position].reshape(-1, width)
+        context = out.view(batch, heads, length, size).permute(0, 2, 1, 3)[positions].reshape(-1, width)
     return layer.feed_forward_chunk(layer.attention.output(context, residual))
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The fused path's bf16 product (oneDNN, bias inside) of 2-D ``x``."""
-    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
 
 
 def packable_encoder(hf_model: nn.Module) -> nn.Module | None:
