@@ -149,6 +149,11 @@ class TrainerConfig:
     # to 1/65536. null: on for CPU training without compile (1.15x the bf16 samples/s here,
     # benchmarks/); CUDA's own dropout is already fused.
     fast_dropout: bool | None = None
+    # Fast dropout's masks from a compiled counter-based generator (Threefry-2x32-20, the C file
+    # engine/native/keep_mask.c built with the system C compiler into ~/.cache/engine/native on
+    # first use), one pass per mask keyed by one draw of torch's generator. null: on with fast
+    # dropout where it builds (else torch's draws, with a warning); true: an error if it cannot.
+    native_masks: bool | None = None
     # The word-embedding gradient as touched rows added into one persistent dense buffer instead of
     # a fresh zero-filled table each backward (page faults on the CPU). null: on for single-process
     # CPU training without compile; true needs a single process (DDP reduces dense gradients).
@@ -320,6 +325,10 @@ def validate(cfg: DictConfig) -> Config:
     check(
         t.max_grad_norm is None or t.max_grad_norm > 0,
         f"trainer.max_grad_norm must be > 0 or null, got {t.max_grad_norm}",
+    )
+    check(
+        not (t.native_masks is True and t.fast_dropout is False),
+        "trainer.native_masks=true draws fast dropout's masks, but trainer.fast_dropout=false",
     )
     check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")

@@ -16,8 +16,11 @@ and applied, forward and backward, by one ``addcmul``
 that scales in float32 as ``nn.Dropout`` does, so the values equal ``native_dropout_backward``'s.
 
 Masks come from torch's default CPU generator, so ``seed`` and resumed runs reproduce
-them. Attention-probability dropout has its own path: with dropout on, CPU SDPA takes its
-math kernel (one Bernoulli draw per attention weight, plus a masked-row check); the
+them; with ``trainer.native_masks`` (:mod:`engine.native_masks`) a compiled counter-based
+generator, keyed by one draw from that generator per mask, makes them in one pass instead.
+
+Attention-probability dropout has its own path: with dropout on, CPU SDPA takes its math
+kernel (one Bernoulli draw per attention weight, plus a masked-row check); the
 ``sdpa_fast_dropout`` attention (:mod:`engine.attention`) uses the packed mask instead and
 SDPA wherever dropout is off (evaluation, prediction). With ``model.attn_implementation=eager``
 only the ``nn.Dropout`` modules are swapped. Neither changes a parameter or a ``state_dict`` key.
@@ -28,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine import native_masks
 
 _LANES = 65536  # values of one 16-bit lane
 
@@ -43,7 +48,10 @@ def keep_multiplier(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """A ``dtype`` tensor of ``shape``: each element 0 with probability ``round(p * 65536) / 65536``, else 1."""
+    """A ``dtype`` tensor of ``shape``: each element 0 with probability ``round(p * 65536) / 65536``, else 1
+    (from the compiled generator where ``trainer.native_masks`` enabled it, :mod:`engine.native_masks`)."""
+    if native_masks.active() and torch.device(device).type == "cpu" and native_masks.supports(dtype):
+        return native_masks.keep_multiplier(shape, round(p * _LANES), dtype)
     numel = 1
     for size in shape:
         numel *= size

@@ -40,6 +40,7 @@ from engine.model import (
     plain_state_dict,
     resolve_class_weights,
 )
+from engine.native_masks import use_native_masks
 from engine.packed_inference import enable_packed_inference, use_packed_inference
 from engine.resume import Progress
 
@@ -390,9 +391,13 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
     if config.model.init_bias_from_priors and init_bias_from_priors(model, data.train_label_counts, len(data.train)):
         log.info("output bias initialised to the labels' log prior odds (multi-label, no pos_weight)")
 
-    if use_fast_dropout(t.fast_dropout, backend.device, t.compile):
+    fast_dropout = use_fast_dropout(t.fast_dropout, backend.device, t.compile)
+    if fast_dropout:
         swapped = enable_fast_dropout(model.hf_model)
         log.info("fast dropout: %d dropout modules, attention %s", swapped, model.hf_model.config._attn_implementation)
+    library = use_native_masks(t.native_masks, fast_dropout)
+    if library is not None:
+        log.info("native dropout masks: Threefry-2x32-20 from %s", library)
     if use_sparse_embedding_grad(t.sparse_embedding_grad, backend.device, backend.num_processes, t.compile):
         embedding = enable_sparse_embedding_grad(model.hf_model)
         if embedding is not None:

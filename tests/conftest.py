@@ -122,3 +122,13 @@ def assert_same_training(run: Path, reference: Path, evaluations: int) -> None:
     assert saved.keys() == reference_weights.keys()
     for key in saved:
         assert torch.allclose(saved[key], reference_weights[key], atol=1e-5), key
+
+
+@pytest.fixture(autouse=True)
+def _torch_masks_between_tests():
+    """A run enables the compiled dropout masks for its process; each test starts without them."""
+    from engine import native_masks
+
+    native_masks.use_native_masks(False, False)
+    yield
+    native_masks.use_native_masks(False, False)
