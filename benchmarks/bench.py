@@ -248,6 +248,7 @@ LEVERS = [
             "trainer.mixed_precision=no",
             "optim.fused=false",
             "trainer.fast_dropout=false",
+            "trainer.native_masks=false",
             "trainer.sparse_embedding_grad=false",
             "trainer.fused_inference=false",
             "trainer.first_token_last_layer=false",
@@ -263,6 +264,7 @@ LEVERS = [
     ("+ fused inference (bias and GELU inside oneDNN matmuls; evaluation only)", ["trainer.fused_inference=null"]),
     ("+ pad to a multiple of 8 (null, the default)", ["data.pad_to_multiple_of=null"]),
     ("+ fast dropout masks", ["trainer.fast_dropout=null"]),
+    ("+ compiled Threefry dropout masks (one pass per mask)", ["trainer.native_masks=null"]),
     ("+ sparse embedding gradient in a persistent buffer", ["trainer.sparse_embedding_grad=null"]),
     (
         "+ first-token last layer (the [CLS] token only, after its keys and values)",
