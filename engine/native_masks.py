@@ -134,9 +134,11 @@ def use_native_masks(setting: bool | None, fast_dropout: bool) -> Path | None:
     try:
         path = build()
         library = load(path)
-    except EngineError as error:
+    except (EngineError, OSError) as error:  # OSError: an unwritable cache, a library that will not load
         if setting:
-            raise
+            if isinstance(error, EngineError):
+                raise
+            raise EngineError(f"trainer.native_masks: {error}") from None
         log.warning("%s; fast dropout draws its masks through torch instead (trainer.native_masks=false)", error)
         return None
     _library = library

@@ -140,6 +140,15 @@ def test_without_a_compiler_null_falls_back_and_true_is_an_error(monkeypatch, tm
         native_masks.use_native_masks(True, False)
 
 
+def test_an_unwritable_cache_falls_back_or_errors(monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert native_masks.use_native_masks(None, True) is None and "through torch instead" in caplog.text
+    with pytest.raises(EngineError, match="trainer.native_masks: .*cache"):
+        native_masks.use_native_masks(True, True)
+
+
 def test_a_compile_error_names_the_command_and_its_output(monkeypatch, tmp_path):
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\necho 'keep_mask.c:1: something broke' >&2\nexit 3\n")
