@@ -61,14 +61,14 @@ def compiler() -> list[str]:
     return shlex.split(os.environ.get("CC") or "cc")
 
 
-def build(directory: Path | None = None, cc: list[str] | None = None) -> Path:
-    """The compiled library for this source and machine, compiling it if it is not cached yet;
-    an :class:`EngineError` naming the compiler and its output if that fails."""
-    cc = cc or compiler()
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + platform.machine().encode()).hexdigest()[:16]
+def build(directory: Path | None = None) -> Path:
+    """The compiled library for this source and machine, compiling it with :func:`compiler` if it
+    is not cached yet; an :class:`EngineError` naming the compiler and its output if that fails."""
+    cc = compiler()
+    machine = platform.machine()
+    tag = hashlib.sha256(SOURCE.read_bytes() + machine.encode()).hexdigest()[:16]
     directory = Path(directory or cache_dir())
-    target = directory / f"keep_mask-{platform.machine()}-{tag}.so"
+    target = directory / f"keep_mask-{machine}-{tag}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
