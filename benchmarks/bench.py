@@ -249,6 +249,7 @@ LEVERS = [
             "optim.fused=false",
             "trainer.fast_dropout=false",
             "trainer.native_masks=false",
+            "trainer.native_softmax=false",
             "trainer.sparse_embedding_grad=false",
             "trainer.fused_inference=false",
             "trainer.first_token_last_layer=false",
@@ -265,6 +266,7 @@ LEVERS = [
     ("+ pad to a multiple of 8 (null, the default)", ["data.pad_to_multiple_of=null"]),
     ("+ fast dropout masks", ["trainer.fast_dropout=null"]),
     ("+ compiled Threefry dropout masks (one pass per mask)", ["trainer.native_masks=null"]),
+    ("+ compiled attention softmax with its dropout (one pass each way)", ["trainer.native_softmax=null"]),
     ("+ sparse embedding gradient in a persistent buffer", ["trainer.sparse_embedding_grad=null"]),
     (
         "+ first-token last layer (the [CLS] token only, after its keys and values)",

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import native_softmax
 from engine.fast_dropout import fast_dropout
 from engine.fused_inference import fused_path
 
@@ -112,7 +113,14 @@ def folded_products(
     with torch.autocast(q.device.type, enabled=False):  # the inputs' dtype is the compute dtype
         k = k.transpose(1, 2)
         scores = torch.bmm(q, k).mul_(scaling) if bias is None else torch.baddbmm(bias, q, k, alpha=scaling)
-        weights = fast_dropout(F.softmax(scores, dim=-1), dropout)  # float32 accumulation inside
+        if native_softmax.applies(scores) and 0.0 < dropout < 1.0:
+            weights = native_softmax.softmax_dropout(scores, dropout)  # one pass each way, same mask draw
+        elif (
+            native_softmax.applies(scores) and dropout == 0.0 and not (torch.is_grad_enabled() and scores.requires_grad)
+        ):
+            weights = native_softmax.softmax(scores)
+        else:
+            weights = fast_dropout(F.softmax(scores, dim=-1), dropout)  # float32 accumulation inside
         return torch.bmm(weights, v)
 
 

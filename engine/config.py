@@ -154,6 +154,11 @@ class TrainerConfig:
     # first use), one pass per mask keyed by one draw of torch's generator. null: on with fast
     # dropout where it builds (else torch's draws, with a warning); true: an error if it cannot.
     native_masks: bool | None = None
+    # The attention softmax and its dropout in one compiled pass each way (engine/native/softmax.c,
+    # built like native_masks' library) for the engine's bf16 CPU attention, in training and
+    # evaluation. null: on for CPU runs without compile where it builds (else ATen's softmax, with
+    # a warning); true: an error if it cannot be built.
+    native_softmax: bool | None = None
     # The word-embedding gradient as touched rows added into one persistent dense buffer instead of
     # a fresh zero-filled table each backward (page faults on the CPU). null: on for single-process
     # CPU training without compile; true needs a single process (DDP reduces dense gradients).

@@ -41,6 +41,7 @@ from engine.model import (
     resolve_class_weights,
 )
 from engine.native_masks import use_native_masks
+from engine.native_softmax import use_native_softmax
 from engine.packed_inference import enable_packed_inference, use_packed_inference
 from engine.resume import Progress
 
@@ -398,6 +399,9 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
     library = use_native_masks(t.native_masks, fast_dropout)
     if library is not None:
         log.info("native dropout masks: Threefry-2x32-20 from %s", library)
+    softmax_library = use_native_softmax(t.native_softmax, backend.device, t.compile)
+    if softmax_library is not None:
+        log.info("native attention softmax (with its dropout in training) from %s", softmax_library)
     if use_sparse_embedding_grad(t.sparse_embedding_grad, backend.device, backend.num_processes, t.compile):
         embedding = enable_sparse_embedding_grad(model.hf_model)
         if embedding is not None:

@@ -61,28 +61,32 @@ def compiler() -> list[str]:
     return shlex.split(os.environ.get("CC") or "cc")
 
 
-def build(directory: Path | None = None) -> Path:
-    """The compiled library for this source and machine, compiling it with :func:`compiler` if it
-    is not cached yet; an :class:`EngineError` naming the compiler and its output if that fails."""
+def build(
+    directory: Path | None = None,
+    source: Path = SOURCE,
+    flags: tuple[str, ...] = (),
+    setting: str = "trainer.native_masks",
+) -> Path:
+    """The compiled library for ``source`` (linked with ``flags``) and this machine, compiling it with
+    :func:`compiler` if it is not cached yet; an :class:`EngineError` naming ``setting``, the
+    compiler and its output if that fails."""
     cc = compiler()
     machine = platform.machine()
-    tag = hashlib.sha256(SOURCE.read_bytes() + machine.encode()).hexdigest()[:16]
+    tag = hashlib.sha256(source.read_bytes() + machine.encode() + " ".join(flags).encode()).hexdigest()[:16]
     directory = Path(directory or cache_dir())
-    target = directory / f"keep_mask-{machine}-{tag}.so"
+    target = directory / f"{source.stem}-{machine}-{tag}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         partial = Path(scratch) / target.name
-        command = [*cc, "-O3", "-fPIC", "-shared", "-o", str(partial), str(SOURCE)]
+        command = [*cc, "-O3", "-fPIC", "-shared", "-o", str(partial), str(source), *flags]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as error:
-            raise EngineError(f"trainer.native_masks: could not run the C compiler {shlex.join(cc)}: {error}") from None
+            raise EngineError(f"{setting}: could not run the C compiler {shlex.join(cc)}: {error}") from None
         if done.returncode != 0:
-            raise EngineError(
-                f"trainer.native_masks: {shlex.join(command)} failed ({done.returncode}):\n{done.stderr.strip()}"
-            )
+            raise EngineError(f"{setting}: {shlex.join(command)} failed ({done.returncode}):\n{done.stderr.strip()}")
         os.replace(partial, target)  # atomic: a half-written library is never loaded
     return target
 

@@ -126,9 +126,11 @@ def assert_same_training(run: Path, reference: Path, evaluations: int) -> None:
 
 @pytest.fixture(autouse=True)
 def _torch_masks_between_tests():
-    """A run enables the compiled dropout masks for its process; each test starts without them."""
-    from engine import native_masks
+    """A run enables the compiled dropout masks and softmax for its process; each test starts without them."""
+    from engine import native_masks, native_softmax
 
     native_masks.use_native_masks(False, False)
+    native_softmax.use_native_softmax(False)
     yield
     native_masks.use_native_masks(False, False)
+    native_softmax.use_native_softmax(False)
