@@ -32,6 +32,7 @@ import shlex
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -91,6 +92,25 @@ def build(
     return target
 
 
+def built_library(
+    setting: bool | None, name: str, source: Path, flags: tuple[str, ...], load: Callable[[Path], Any], instead: str
+) -> tuple[Path, Any] | None:
+    """For an enabled ``name`` setting (true or null): ``source``'s library, built and loaded by
+    ``load``; where that fails (no compiler, a compile error, an unwritable cache, a library that
+    will not load), an :class:`EngineError` under true and None with a warning saying what the run
+    does ``instead`` under null."""
+    try:
+        path = build(source=source, flags=flags, setting=name)
+        return path, load(path)
+    except (EngineError, OSError) as error:  # OSError: an unwritable cache, a library that will not load
+        if setting:
+            if isinstance(error, EngineError):
+                raise
+            raise EngineError(f"{name}: {error}") from None
+        log.warning("%s; %s (%s=false)", error, instead, name)
+        return None
+
+
 def load(path: Path) -> ctypes.CDLL:
     """Load the library and check its generator against the known answers."""
     library = ctypes.CDLL(str(path))
@@ -135,17 +155,12 @@ def use_native_masks(setting: bool | None, fast_dropout: bool) -> Path | None:
         return None
     if not fast_dropout:
         raise EngineError("trainer.native_masks=true draws fast dropout's masks; trainer.fast_dropout is off")
-    try:
-        path = build()
-        library = load(path)
-    except (EngineError, OSError) as error:  # OSError: an unwritable cache, a library that will not load
-        if setting:
-            if isinstance(error, EngineError):
-                raise
-            raise EngineError(f"trainer.native_masks: {error}") from None
-        log.warning("%s; fast dropout draws its masks through torch instead (trainer.native_masks=false)", error)
+    built = built_library(
+        setting, "trainer.native_masks", SOURCE, (), load, "fast dropout draws its masks through torch instead"
+    )
+    if built is None:
         return None
-    _library = library
+    path, _library = built
     return path
 
 

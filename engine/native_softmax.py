@@ -69,17 +69,10 @@ def use_native_softmax(setting: bool | None, device: torch.device | str = "cpu",
     _library = None
     if setting is False or (setting is None and (torch.device(device).type != "cpu" or compiled)):
         return None
-    try:
-        path = native_masks.build(source=SOURCE, flags=FLAGS, setting=SETTING)
-        library = load(path)
-    except (EngineError, OSError) as error:  # OSError: an unwritable cache, a library that will not load
-        if setting:
-            if isinstance(error, EngineError):
-                raise
-            raise EngineError(f"{SETTING}: {error}") from None
-        log.warning("%s; the attention softmax stays ATen's (%s=false)", error, SETTING)
+    built = native_masks.built_library(setting, SETTING, SOURCE, FLAGS, load, "the attention softmax stays ATen's")
+    if built is None:
         return None
-    _library = library
+    path, _library = built
     return path
 
 
