@@ -250,6 +250,7 @@ LEVERS = [
             "trainer.fast_dropout=false",
             "trainer.native_masks=false",
             "trainer.native_softmax=false",
+            "trainer.native_gelu=false",
             "trainer.sparse_embedding_grad=false",
             "trainer.fused_inference=false",
             "trainer.first_token_last_layer=false",
@@ -267,6 +268,7 @@ LEVERS = [
     ("+ fast dropout masks", ["trainer.fast_dropout=null"]),
     ("+ compiled Threefry dropout masks (one pass per mask)", ["trainer.native_masks=null"]),
     ("+ compiled attention softmax with its dropout (one pass each way)", ["trainer.native_softmax=null"]),
+    ("+ GELU from tables over the bf16 values (training)", ["trainer.native_gelu=null"]),
     ("+ sparse embedding gradient in a persistent buffer", ["trainer.sparse_embedding_grad=null"]),
     (
         "+ first-token last layer (the [CLS] token only, after its keys and values)",

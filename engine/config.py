@@ -159,6 +159,10 @@ class TrainerConfig:
     # evaluation. null: on for CPU runs without compile where it builds (else ATen's softmax, with
     # a warning); true: an error if it cannot be built.
     native_softmax: bool | None = None
+    # The feed-forward's exact GELU on bf16 CPU tensors from tables of ATen's own values over the
+    # 65536 bf16 inputs (engine/native/gelu.c, built like native_masks' library): forward bit for bit
+    # ATen's. null: on for CPU runs without compile where it builds; true: an error if it cannot.
+    native_gelu: bool | None = None
     # The word-embedding gradient as touched rows added into one persistent dense buffer instead of
     # a fresh zero-filled table each backward (page faults on the CPU). null: on for single-process
     # CPU training without compile; true needs a single process (DDP reduces dense gradients).

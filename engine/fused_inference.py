@@ -189,7 +189,9 @@ def _is_exact_gelu(activation: object) -> bool:
     """transformers' ``ACT2FN["gelu"]`` (``GELUActivation`` calling ``F.gelu``), or ``nn.GELU()``."""
     if isinstance(activation, nn.GELU):
         return activation.approximate == "none"
-    return getattr(activation, "act", None) is F.gelu
+    from engine.native_gelu import gelu  # trainer.native_gelu's table GELU computes the same function
+
+    return getattr(activation, "act", None) in (F.gelu, gelu)
 
 
 def enable_fused_inference(hf_model: nn.Module) -> tuple[int, int]:

@@ -40,6 +40,7 @@ from engine.model import (
     plain_state_dict,
     resolve_class_weights,
 )
+from engine.native_gelu import enable_native_gelu, use_native_gelu
 from engine.native_masks import use_native_masks
 from engine.native_softmax import use_native_softmax
 from engine.packed_inference import enable_packed_inference, use_packed_inference
@@ -402,6 +403,9 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
     softmax_library = use_native_softmax(t.native_softmax, backend.device, t.compile)
     if softmax_library is not None:
         log.info("native attention softmax (with its dropout in training) from %s", softmax_library)
+    gelu_library = use_native_gelu(t.native_gelu, backend.device, t.compile)
+    if gelu_library is not None:
+        log.info("native GELU tables: %d activations, from %s", enable_native_gelu(model.hf_model), gelu_library)
     if use_sparse_embedding_grad(t.sparse_embedding_grad, backend.device, backend.num_processes, t.compile):
         embedding = enable_sparse_embedding_grad(model.hf_model)
         if embedding is not None:

@@ -126,11 +126,13 @@ def assert_same_training(run: Path, reference: Path, evaluations: int) -> None:
 
 @pytest.fixture(autouse=True)
 def _torch_masks_between_tests():
-    """A run enables the compiled dropout masks and softmax for its process; each test starts without them."""
-    from engine import native_masks, native_softmax
+    """A run enables the compiled dropout masks, softmax and GELU for its process; each test starts without them."""
+    from engine import native_gelu, native_masks, native_softmax
 
     native_masks.use_native_masks(False, False)
     native_softmax.use_native_softmax(False)
+    native_gelu.use_native_gelu(False)
     yield
     native_masks.use_native_masks(False, False)
     native_softmax.use_native_softmax(False)
+    native_gelu.use_native_gelu(False)
