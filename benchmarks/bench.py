@@ -236,6 +236,26 @@ def parameter_counts() -> tuple[int, int]:
     return total, sum(p.numel() for module in first_only for p in module.parameters())
 
 
+def attention_flops_per_token() -> tuple[float, float]:
+    """The attention products' FLOPs a non-pad training token, as PaLM's MFU counts them (Chowdhery
+    et al. 2022, appendix B: 12 x layers x hidden x T for a sequence of T tokens; Q K^T and the
+    weighted sum of V, forward and backward), averaged over MRPC train's tokens (T weighted by the
+    tokens it has: sum T^2 / sum T); and that mean length."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from engine.config import bundled_minilm_path
+
+    config = AutoConfig.from_pretrained(bundled_minilm_path())
+    tokenizer = AutoTokenizer.from_pretrained(bundled_minilm_path())
+    train_frame, _ = mrpc_frames()
+    ids = tokenizer(
+        train_frame["#1 String"].tolist(), train_frame["#2 String"].tolist(), truncation=True, max_length=128
+    )["input_ids"]
+    lengths = [len(row) for row in ids]
+    mean_length = sum(n * n for n in lengths) / sum(lengths)
+    return 12 * config.num_hidden_layers * config.hidden_size * mean_length, mean_length
+
+
 LEVERS = [
     # (row label, overrides added to the previous row's): each row keeps the levers above it.
     (
@@ -418,6 +438,18 @@ def main() -> int:
     for side in ("trainer", "ours"):
         print(f"{side}: {flop_share(results[side])} on non-pad tokens (model FLOPs: 6 x non-embedding params a token)")
     print(adjacent_share(results["ours"], parameters, first_only))
+    attention, mean_length = attention_flops_per_token()
+    for side in ("trainer", "ours"):
+        rate = (6 * parameters + attention) * mean_of(results[side], "tokens_per_s") / 1e9
+        text = f"{side} with the attention products (PaLM's MFU: 6N + 12 x layers x hidden x T a token, "
+        text += f"T = {mean_length:.1f}): {rate:.0f} GFLOP/s = {100 * rate / peaks['bf16']:.0f}% of bf16 peak"
+        if side == "ours":
+            shares = [
+                (6 * parameters + attention) * r["tokens_per_s"] / (r["adjacent_bf16_peak"] * 1e9)
+                for r in results[side]
+            ]
+            text += f", {100 * mean_std(shares)[0]:.0f}% of the peaks measured next to each run"
+        print(text)
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
+
 from engine.config import MixedPrecision, validate
 from tests.conftest import ROOT
 
@@ -78,3 +80,10 @@ def test_flop_share_against_the_peaks_measured_next_to_each_run():
     # performed: (6 x (6M x 1000 + 4M x 20)) / 60e9 = 0.608
     text = _bench().adjacent_share(runs, 10_000_000, 4_000_000)
     assert text.endswith("(60, 30 GFLOP/s): 100% of it in model FLOPs (performed: 61%)")
+
+
+def test_attention_flops_follow_palms_count_over_mrpc_train():
+    """12 x layers x hidden x T a token, T the token-weighted mean length of MRPC train's pairs."""
+    attention, mean_length = _bench().attention_flops_per_token()
+    assert attention == pytest.approx(12 * 6 * 384 * mean_length)
+    assert 45 < mean_length < 80  # MRPC pairs: ~53 tokens on average, the longer ones weigh more
