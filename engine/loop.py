@@ -42,7 +42,7 @@ from engine.model import (
 )
 from engine.native_gelu import enable_native_gelu, use_native_gelu
 from engine.native_masks import use_native_masks
-from engine.native_softmax import use_native_softmax
+from engine.native_softmax import kernel_path, use_native_softmax
 from engine.packed_inference import enable_packed_inference, use_packed_inference
 from engine.resume import Progress
 
@@ -402,7 +402,7 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
         log.info("native dropout masks: Threefry-2x32-20 from %s", library)
     softmax_library = use_native_softmax(t.native_softmax, backend.device, t.compile)
     if softmax_library is not None:
-        log.info("native attention softmax (with its dropout in training) from %s", softmax_library)
+        log.info("native attention softmax (with its dropout in training, %s) from %s", kernel_path(), softmax_library)
     gelu_library = use_native_gelu(t.native_gelu, backend.device, t.compile)
     if gelu_library is not None:
         log.info("native GELU tables: %d activations, from %s", enable_native_gelu(model.hf_model), gelu_library)

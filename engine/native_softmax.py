@@ -21,7 +21,6 @@ else keeps ATen's softmax. Built like :mod:`engine.native_masks`' library, into 
 from __future__ import annotations
 
 import ctypes
-import logging
 from pathlib import Path
 
 import torch
@@ -29,8 +28,6 @@ import torch
 from engine import native_masks
 from engine.errors import EngineError
 from engine.fast_dropout import keep_multiplier
-
-log = logging.getLogger("engine.native_softmax")
 
 SOURCE = Path(__file__).with_name("native") / "softmax.c"
 FLAGS = ("-fopenmp", "-lm")
@@ -78,6 +75,11 @@ def use_native_softmax(setting: bool | None, device: torch.device | str = "cpu",
 
 def active() -> bool:
     return _library is not None
+
+
+def kernel_path() -> str:
+    """Which of the library's kernels this CPU runs: "AVX-512" or "plain C"."""
+    return "AVX-512" if _library_or_error().engine_softmax_avx512() else "plain C"
 
 
 def applies(scores: torch.Tensor) -> bool:

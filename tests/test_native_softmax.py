@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +139,13 @@ def test_attention_takes_the_native_path_with_the_same_mask_draw(native):
 
 
 @needs_cc
+def test_the_avx512_path_is_used_where_the_cpu_has_it(native):
+    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+    has = all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512vl"))
+    assert native_softmax.kernel_path() == ("AVX-512" if has else "plain C")
+
+
+@needs_cc
 def test_other_dtypes_and_layouts_keep_atens_softmax(native):
     assert native_softmax.applies(scores(2, 8))
     assert not native_softmax.applies(scores(2, 8).float())
@@ -180,6 +188,6 @@ def test_a_training_run_uses_the_native_softmax(make_cfg, tmp_path):
         steps = [json.loads(line) for line in (out / "train_steps.jsonl").read_text().splitlines()]
         runs[setting] = [s["loss"] for s in steps]
         log = (out / "train.log").read_text()
-        assert ("native attention softmax (with its dropout in training) from" in log) == (setting == "null")
+        assert ("native attention softmax (with its dropout in training, " in log) == (setting == "null")
     assert len(runs["null"]) == len(runs["false"]) == 8
     np.testing.assert_allclose(runs["null"], runs["false"], rtol=0.02)

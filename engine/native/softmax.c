@@ -11,8 +11,8 @@
  * One pass over each row (its values stay in a float32 scratch row) instead of ATen's separate
  * softmax and dropout passes; exp is a Cephes-style polynomial (within 2 float32 ulps), so a result
  * can differ from ATen's in the last bf16 bit. An AVX-512 path is chosen at load time where the CPU
- * has it; elsewhere the same loops in plain C with expf. rows are split over up to `threads`
- * POSIX threads (the caller passes torch's intra-op thread count).
+ * has it; elsewhere the same loops in plain C with expf. Rows are split over an OpenMP team of up
+ * to `threads` (the caller passes torch's intra-op thread count; see run()).
  */
 #include <math.h>
 #ifdef _OPENMP
