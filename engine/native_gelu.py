@@ -54,15 +54,11 @@ def use_native_gelu(setting: bool | None, device: torch.device | str = "cpu", co
     """``trainer.native_gelu``: make :func:`gelu` take the library (returned) or ``F.gelu`` (None).
     null: the library for eager CPU runs where it builds."""
     global _library, _tables
-    _library = None
-    if setting is False or (setting is None and (torch.device(device).type != "cpu" or compiled)):
-        return None
-    built = native_masks.built_library(setting, SETTING, SOURCE, FLAGS, load, "the GELU stays ATen's")
-    if built is None:
-        return None
-    if _tables is None:
+    path, _library = native_masks.eager_cpu_library(
+        setting, device, compiled, SETTING, SOURCE, FLAGS, load, "the GELU stays ATen's"
+    )
+    if _library is not None and _tables is None:
         _tables = tables()
-    path, _library = built
     return path
 
 

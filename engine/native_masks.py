@@ -74,7 +74,8 @@ def build(
     compiler and its output if that fails."""
     cc = compiler()
     machine = platform.machine()
-    tag = hashlib.sha256(source.read_bytes() + machine.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    headers = b"".join(header.read_bytes() for header in sorted(source.parent.glob("*.h")))  # what it may include
+    tag = hashlib.sha256(source.read_bytes() + headers + machine.encode() + " ".join(flags).encode()).hexdigest()[:16]
     directory = Path(directory or cache_dir())
     target = directory / f"{source.stem}-{machine}-{tag}.so"
     if target.exists():
@@ -95,11 +96,11 @@ def build(
 
 def built_library(
     setting: bool | None, name: str, source: Path, flags: tuple[str, ...], load: Callable[[Path], Any], instead: str
-) -> tuple[Path, Any] | None:
-    """For an enabled ``name`` setting (true or null): ``source``'s library, built and loaded by
-    ``load``; where that fails (no compiler, a compile error, an unwritable cache, a library that
-    will not load), an :class:`EngineError` under true and None with a warning saying what the run
-    does ``instead`` under null."""
+) -> tuple[Path | None, Any]:
+    """For an enabled ``name`` setting (true or null): ``source``'s library path and what ``load``
+    made of it; where that fails (no compiler, a compile error, an unwritable cache, a library that
+    will not load), an :class:`EngineError` under true and (None, None) with a warning saying what
+    the run does ``instead`` under null."""
     try:
         path = build(source=source, flags=flags, setting=name)
         return path, load(path)
@@ -109,7 +110,17 @@ def built_library(
                 raise
             raise EngineError(f"{name}: {error}") from None
         log.warning("%s; %s (%s=false)", error, instead, name)
-        return None
+        return None, None
+
+
+def eager_cpu_library(
+    setting: bool | None, device: torch.device | str, compiled: bool, *args: Any
+) -> tuple[Path | None, Any]:
+    """:func:`built_library` (``*args``) for a kernel of the engine's eager CPU path: null means on for
+    eager CPU runs (a compiled graph makes its own kernels; CUDA never takes that path), false off."""
+    if setting is False or (setting is None and (torch.device(device).type != "cpu" or compiled)):
+        return None, None
+    return built_library(setting, *args)
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -156,12 +167,9 @@ def use_native_masks(setting: bool | None, fast_dropout: bool) -> Path | None:
         return None
     if not fast_dropout:
         raise EngineError("trainer.native_masks=true draws fast dropout's masks; trainer.fast_dropout is off")
-    built = built_library(
+    path, _library = built_library(
         setting, "trainer.native_masks", SOURCE, (), load, "fast dropout draws its masks through torch instead"
     )
-    if built is None:
-        return None
-    path, _library = built
     return path
 
 

@@ -63,13 +63,9 @@ def use_native_softmax(setting: bool | None, device: torch.device | str = "cpu",
     library (returned) or from ATen (None). null: the library for eager CPU runs where it builds
     (a compiled graph makes its own kernels; CUDA attention never takes the engine's CPU path)."""
     global _library
-    _library = None
-    if setting is False or (setting is None and (torch.device(device).type != "cpu" or compiled)):
-        return None
-    built = native_masks.built_library(setting, SETTING, SOURCE, FLAGS, load, "the attention softmax stays ATen's")
-    if built is None:
-        return None
-    path, _library = built
+    path, _library = native_masks.eager_cpu_library(
+        setting, device, compiled, SETTING, SOURCE, FLAGS, load, "the attention softmax stays ATen's"
+    )
     return path
 
 

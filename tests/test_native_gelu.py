@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -14,8 +13,7 @@ from transformers.activations import GELUActivation
 from engine import native_gelu
 from engine.errors import EngineError
 from engine.fused_inference import _is_exact_gelu
-from engine.loop import train
-from tests.conftest import TINY
+from tests.conftest import native_on_and_off
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -114,12 +112,6 @@ def test_defaults_and_errors(monkeypatch, tmp_path, caplog):
 @needs_cc
 def test_a_training_run_uses_the_native_gelu(make_cfg, tmp_path):
     """On by default on the CPU, logged; the same losses as ATen's GELU to float rounding."""
-    runs = {}
-    for setting in ("null", "false"):
-        out = tmp_path / setting
-        train(make_cfg(*TINY, "trainer.fast_dropout=true", f"trainer.native_gelu={setting}", output_dir=out))
-        steps = [json.loads(line) for line in (out / "train_steps.jsonl").read_text().splitlines()]
-        runs[setting] = [s["loss"] for s in steps]
-        assert ("native GELU tables: 2 activations" in (out / "train.log").read_text()) == (setting == "null")
+    runs = native_on_and_off(make_cfg, tmp_path, "native_gelu", "native GELU tables: 2 activations")
     assert len(runs["null"]) == 8
     np.testing.assert_allclose(runs["null"], runs["false"], rtol=1e-3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -13,7 +12,7 @@ from engine import native_masks
 from engine.errors import EngineError
 from engine.fast_dropout import fast_dropout, keep_mask, keep_multiplier
 from engine.loop import train
-from tests.conftest import TINY
+from tests.conftest import TINY, native_on_and_off
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -169,14 +168,6 @@ def test_native_masks_true_without_fast_dropout_is_a_config_error(make_cfg):
 def test_a_training_run_uses_the_native_masks(make_cfg, tmp_path):
     """On by default with fast dropout on the CPU; logged, and the run trains as with torch's draws
     (the same data, other masks: finite losses, the same number of steps)."""
-    runs = {}
-    for setting in ("null", "false"):
-        out = tmp_path / setting
-        cfg = make_cfg(*TINY, "trainer.fast_dropout=true", f"trainer.native_masks={setting}", output_dir=out)
-        train(cfg)
-        steps = [json.loads(line) for line in (out / "train_steps.jsonl").read_text().splitlines()]
-        runs[setting] = [s["loss"] for s in steps]
-        log = (out / "train.log").read_text()
-        assert ("native dropout masks: Threefry-2x32-20 from" in log) == (setting == "null")
+    runs = native_on_and_off(make_cfg, tmp_path, "native_masks", "native dropout masks: Threefry-2x32-20 from")
     assert len(runs["null"]) == len(runs["false"]) == 8
     assert all(np.isfinite(runs["null"])) and runs["null"] != runs["false"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -15,8 +14,7 @@ from engine import native_masks, native_softmax
 from engine.attention import folded_products
 from engine.errors import EngineError
 from engine.fast_dropout import _ApplyMask, keep_multiplier
-from engine.loop import train
-from tests.conftest import TINY
+from tests.conftest import native_on_and_off
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 LENGTHS = [1, 7, 16, 17, 56, 100, 257]  # within one 16-lane vector, at and across its edges, long rows
@@ -180,14 +178,8 @@ def test_the_library_builds_beside_the_masks_library(monkeypatch, tmp_path):
 def test_a_training_run_uses_the_native_softmax(make_cfg, tmp_path):
     """On by default on the CPU; logged; the run trains as with ATen's softmax (same masks: the
     losses agree to bf16 rounding)."""
-    runs = {}
-    for setting in ("null", "false"):
-        out = tmp_path / setting
-        cfg = make_cfg(*TINY, "trainer.fast_dropout=true", f"trainer.native_softmax={setting}", output_dir=out)
-        train(cfg)
-        steps = [json.loads(line) for line in (out / "train_steps.jsonl").read_text().splitlines()]
-        runs[setting] = [s["loss"] for s in steps]
-        log = (out / "train.log").read_text()
-        assert ("native attention softmax (with its dropout in training, " in log) == (setting == "null")
+    runs = native_on_and_off(
+        make_cfg, tmp_path, "native_softmax", "native attention softmax (with its dropout in training, "
+    )
     assert len(runs["null"]) == len(runs["false"]) == 8
     np.testing.assert_allclose(runs["null"], runs["false"], rtol=0.02)

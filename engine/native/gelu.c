@@ -8,30 +8,17 @@
  * own pool in a torch process: the library links libgomp by the same soname).
  */
 #include <stdint.h>
-#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+#include "bf16.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CLONES
 #endif
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    return f != f ? (uint16_t)((u >> 16) | 0x0040u) : rounded; /* NaN stays NaN (quiet) */
-}
 
 CLONES
 static void forward_range(const uint16_t *x, uint16_t *y, const uint16_t *table, int64_t begin, int64_t end) {
@@ -49,7 +36,23 @@ static int team_size(int threads, int64_t n) {
     return threads < 1 ? 1 : threads;
 }
 
-void engine_gelu_forward(const uint16_t *x, uint16_t *y, const uint16_t *table, int64_t n, int threads) {
+typedef struct {
+    const uint16_t *a, *b; /* forward: x; backward: dy, x */
+    uint16_t *out;
+    const void *table; /* forward: the bf16 GELU table; backward: the float32 slope table */
+} gelu_args;
+
+static void forward_body(const gelu_args *g, int64_t begin, int64_t end) {
+    forward_range(g->a, g->out, (const uint16_t *)g->table, begin, end);
+}
+
+static void backward_body(const gelu_args *g, int64_t begin, int64_t end) {
+    backward_range(g->a, g->b, g->out, (const float *)g->table, begin, end);
+}
+
+/* body over [0, n) cut into one contiguous range per thread of the team */
+static void in_parallel(void (*body)(const gelu_args *, int64_t, int64_t), const gelu_args *g, int64_t n,
+                        int threads) {
 #pragma omp parallel num_threads(team_size(threads, n))
     {
         int team = 1, me = 0;
@@ -57,19 +60,17 @@ void engine_gelu_forward(const uint16_t *x, uint16_t *y, const uint16_t *table, 
         team = omp_get_num_threads();
         me = omp_get_thread_num();
 #endif
-        forward_range(x, y, table, n * me / team, n * (me + 1) / team);
+        body(g, n * me / team, n * (me + 1) / team);
     }
+}
+
+void engine_gelu_forward(const uint16_t *x, uint16_t *y, const uint16_t *table, int64_t n, int threads) {
+    gelu_args g = {x, NULL, y, table};
+    in_parallel(forward_body, &g, n, threads);
 }
 
 void engine_gelu_backward(const uint16_t *dy, const uint16_t *x, uint16_t *dx, const float *slope, int64_t n,
                           int threads) {
-#pragma omp parallel num_threads(team_size(threads, n))
-    {
-        int team = 1, me = 0;
-#ifdef _OPENMP
-        team = omp_get_num_threads();
-        me = omp_get_thread_num();
-#endif
-        backward_range(dy, x, dx, slope, n * me / team, n * (me + 1) / team);
-    }
+    gelu_args g = {dy, x, dx, slope};
+    in_parallel(backward_body, &g, n, threads);
 }
