@@ -47,6 +47,12 @@ def load(path: Path) -> ctypes.CDLL:
     library.engine_gelu_forward.restype = None
     library.engine_gelu_backward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int]
     library.engine_gelu_backward.restype = None
+    # A wrong build refuses to load: every bf16 value through the forward against ATen's GELU.
+    values, (table, _) = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16), tables()
+    out = torch.empty_like(values)
+    library.engine_gelu_forward(values.data_ptr(), out.data_ptr(), table.data_ptr(), 65536, 1)
+    if not torch.equal(out.view(torch.int16), table.view(torch.int16)):
+        raise EngineError(f"{SETTING}: {path} does not look its table up")
     return library
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import GELUActivation
 
-from engine import native_gelu
+from engine import native_gelu, native_masks
 from engine.errors import EngineError
 from engine.fused_inference import _is_exact_gelu
 from tests.conftest import native_on_and_off
@@ -115,3 +115,14 @@ def test_a_training_run_uses_the_native_gelu(make_cfg, tmp_path):
     runs = native_on_and_off(make_cfg, tmp_path, "native_gelu", "native GELU tables: 2 activations")
     assert len(runs["null"]) == 8
     np.testing.assert_allclose(runs["null"], runs["false"], rtol=1e-3)
+
+
+def test_a_library_that_does_not_look_up_refuses_to_load(tmp_path):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    broken = tmp_path / "gelu.c"
+    shutil.copy(native_gelu.SOURCE.with_name("bf16.h"), tmp_path)
+    broken.write_text(native_gelu.SOURCE.read_text().replace("y[i] = table[x[i]];", "y[i] = x[i];"))
+    path = native_masks.build(tmp_path / "cache", source=broken, flags=native_gelu.FLAGS)
+    with pytest.raises(EngineError, match="does not look its table up"):
+        native_gelu.load(path)
