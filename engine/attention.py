@@ -113,11 +113,10 @@ def folded_products(
     with torch.autocast(q.device.type, enabled=False):  # the inputs' dtype is the compute dtype
         k = k.transpose(1, 2)
         scores = torch.bmm(q, k).mul_(scaling) if bias is None else torch.baddbmm(bias, q, k, alpha=scaling)
-        if native_softmax.applies(scores) and 0.0 < dropout < 1.0:
+        native = native_softmax.applies(scores)
+        if native and 0.0 < dropout < 1.0:
             weights = native_softmax.softmax_dropout(scores, dropout)  # one pass each way, same mask draw
-        elif (
-            native_softmax.applies(scores) and dropout == 0.0 and not (torch.is_grad_enabled() and scores.requires_grad)
-        ):
+        elif native and dropout == 0.0 and not scores.requires_grad:  # scores made under no_grad never require it
             weights = native_softmax.softmax(scores)
         else:
             weights = fast_dropout(F.softmax(scores, dim=-1), dropout)  # float32 accumulation inside

@@ -18,6 +18,7 @@ key changes. Built like :mod:`engine.native_masks`' library, into the same cache
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 
 import torch
@@ -32,12 +33,18 @@ FLAGS = ("-fopenmp",)
 SETTING = "trainer.native_gelu"
 
 _library: ctypes.CDLL | None = None  # the active library; None: F.gelu
-_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # bf16 GELU and float32 slope of each bf16 value
 
 
+def bf16_values() -> torch.Tensor:
+    """Every bf16 value, at the index of its bits."""
+    return torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+@functools.cache
 def tables() -> tuple[torch.Tensor, torch.Tensor]:
-    """ATen's bf16 GELU of every bf16 value (indexed by its bits) and its float32 derivative there."""
-    values = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    """ATen's bf16 GELU of every bf16 value (indexed by its bits) and its float32 derivative there;
+    made once per process (the load check and the kernels share them)."""
+    values = bf16_values()
     return F.gelu(values).contiguous(), torch.ops.aten.gelu_backward(torch.ones(65536), values.float()).contiguous()
 
 
@@ -48,7 +55,7 @@ def load(path: Path) -> ctypes.CDLL:
     library.engine_gelu_backward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int]
     library.engine_gelu_backward.restype = None
     # A wrong build refuses to load: every bf16 value through the forward against ATen's GELU.
-    values, (table, _) = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16), tables()
+    values, (table, _) = bf16_values(), tables()
     out = torch.empty_like(values)
     library.engine_gelu_forward(values.data_ptr(), out.data_ptr(), table.data_ptr(), 65536, 1)
     if not torch.equal(out.view(torch.int16), table.view(torch.int16)):
@@ -59,12 +66,10 @@ def load(path: Path) -> ctypes.CDLL:
 def use_native_gelu(setting: bool | None, device: torch.device | str = "cpu", compiled: bool = False) -> Path | None:
     """``trainer.native_gelu``: make :func:`gelu` take the library (returned) or ``F.gelu`` (None).
     null: the library for eager CPU runs where it builds."""
-    global _library, _tables
+    global _library
     path, _library = native_masks.eager_cpu_library(
         setting, device, compiled, SETTING, SOURCE, FLAGS, load, "the GELU stays ATen's"
     )
-    if _library is not None and _tables is None:
-        _tables = tables()
     return path
 
 
@@ -78,7 +83,7 @@ def _applies(x: torch.Tensor) -> bool:
 
 def _forward(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x)
-    _library.engine_gelu_forward(x.data_ptr(), y.data_ptr(), _tables[0].data_ptr(), x.numel(), torch.get_num_threads())
+    _library.engine_gelu_forward(x.data_ptr(), y.data_ptr(), tables()[0].data_ptr(), x.numel(), torch.get_num_threads())
     return y
 
 
@@ -94,7 +99,7 @@ class _Gelu(torch.autograd.Function):
         grad = grad.to(torch.bfloat16).contiguous()
         out = torch.empty_like(x)
         _library.engine_gelu_backward(
-            grad.data_ptr(), x.data_ptr(), out.data_ptr(), _tables[1].data_ptr(), x.numel(), torch.get_num_threads()
+            grad.data_ptr(), x.data_ptr(), out.data_ptr(), tables()[1].data_ptr(), x.numel(), torch.get_num_threads()
         )
         return out
 
