@@ -277,6 +277,7 @@ LEVERS = [
             "trainer.packed_inference=false",
             "data.pad_to_multiple_of=1",
             "trainer.clip_in_step=false",
+            "trainer.native_embedding_adamw=false",
         ],
     ),
     ("+ fused AdamW", ["optim.fused=null"]),
@@ -298,7 +299,11 @@ LEVERS = [
         "+ packed evaluation (no padding positions outside attention; evaluation only)",
         ["trainer.packed_inference=null"],
     ),
-    ("+ gradient clipping inside the fused AdamW step (every default on)", ["trainer.clip_in_step=null"]),
+    ("+ gradient clipping inside the fused AdamW step", ["trainer.clip_in_step=null"]),
+    (
+        "+ the word embedding's AdamW by rows (untouched rows: the decay only; every default on)",
+        ["trainer.native_embedding_adamw=null"],
+    ),
     ("+ torch.compile (length buckets of 32)", ["trainer.compile=true"]),
 ]
 

@@ -187,6 +187,11 @@ class TrainerConfig:
     # pass over every gradient. null: on for CPU training on the manual backend with a fused
     # optimizer and no fp16 scaler (engine/clip_in_step.py); true where it cannot apply is an error.
     clip_in_step: bool | None = None
+    # The word embedding's AdamW step by rows (engine/native/adamw_rows.c): rows that never had a
+    # gradient (both moments exactly 0) take only the weight decay multiply, the others the fused
+    # AdamW arithmetic; the same results as the fused step bit for bit. null: on for CPU training
+    # with a fused AdamW and no fp16 scaler where it builds; true where it cannot apply is an error.
+    native_embedding_adamw: bool | None = None
 
 
 @dataclass

@@ -40,6 +40,7 @@ from engine.model import (
     plain_state_dict,
     resolve_class_weights,
 )
+from engine.native_adamw import enable_embedding_adamw, use_native_embedding_adamw
 from engine.native_gelu import enable_native_gelu, use_native_gelu
 from engine.native_masks import use_native_masks
 from engine.native_softmax import kernel_path, use_native_softmax
@@ -422,6 +423,12 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
         data.train, t.batch_size, config.seed, collator, config.data.num_workers, config.data.group_by_length
     )
     optimizer = build_optimizer(model, config.optim, backend.device)
+    fp16 = backend.mixed_precision == MixedPrecision.fp16
+    adamw_path, adamw_library = use_native_embedding_adamw(t.native_embedding_adamw, optimizer, backend.device, fp16)
+    if adamw_library is not None:
+        rows_step = enable_embedding_adamw(optimizer, model.hf_model, adamw_library, bool(t.native_embedding_adamw))
+        if rows_step is not None:
+            log.info("word embedding AdamW by rows (%d rows) from %s", rows_step.weight.shape[0], adamw_path)
     model, optimizer, train_dl, dev_loader = backend.prepare(model, optimizer, train_dl, dev_loader)
     classifier = backend.unwrap_model(model)
 
@@ -436,7 +443,6 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
         num_training_steps=total_steps,
     )
     (scheduler,) = backend.prepare(scheduler)
-    fp16 = backend.mixed_precision == MixedPrecision.fp16
     if use_clip_in_step(t.clip_in_step, backend.name, backend.device, fp16, optimizer, t.max_grad_norm):
         backend.clip_in_step(optimizer)
         log.info("gradient clipping inside the fused optimizer step (grad_scale)")

@@ -1,0 +1,228 @@
+"""``trainer.native_embedding_adamw``: the fused AdamW step of the word embedding, by rows.
+
+The word embedding is half of MiniLM's 22.7M parameters, and AdamW reads and writes its weights
+and both moments every step (28 bytes a parameter) although a fine-tuning run's batches only ever
+touch a minority of its rows. A row that has never had a non-zero gradient has both moments exactly
+zero, so its AdamW update is exactly the weight decay alone (the Adam term is 0 / (0 + eps)).
+``engine/native/adamw_rows.c`` steps the embedding row by row: rows that have had a gradient take
+ATen's fused AdamW arithmetic, the others only the decay multiply (8 of the 28 bytes, after a read
+of their gradient row, unless the sparse gradient's buffer lists the rows it wrote,
+:func:`engine.embedding_grad.nonzero_rows`). The results are those of ``torch.optim.AdamW(fused=True)`` bit for bit
+(tested), and the optimizer is that class with the same ``state_dict``: the embedding is taken out
+of the fused step by a step pre-hook (its ``.grad`` set aside, so the fused kernel skips it) and
+stepped by the library in the post-hook, on the same ``state`` entries torch would make.
+
+Which rows are active is kept in one byte a row, and rebuilt from the moments (a row is active where
+either moment is non-zero) whenever the moments were replaced or written by anything else since the
+library's last step (``load_state_dict`` on resume, for one). CPU training with a fused AdamW and no
+fp16 loss scaler (which owns the step's ``found_inf``); no amsgrad, no maximize.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine import native_masks
+from engine.embedding_grad import nonzero_rows
+from engine.errors import EngineError
+
+SOURCE = Path(__file__).with_name("native") / "adamw_rows.c"
+FLAGS = ("-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-lm")
+SETTING = "trainer.native_embedding_adamw"
+
+
+def load(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    library.engine_adamw_rows.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_double] * 8
+    library.engine_adamw_rows.argtypes.append(ctypes.c_int)
+    library.engine_adamw_rows.restype = ctypes.c_int64
+    check(library, path)
+    return library
+
+
+def why_not(optimizer: torch.optim.Optimizer, device: torch.device | str, fp16: bool) -> str | None:
+    """Why the library cannot step this run's embedding (None: it can)."""
+    if torch.device(device).type != "cpu":
+        return "it steps CPU tensors"
+    if type(optimizer) is not torch.optim.AdamW or not optimizer.defaults.get("fused"):
+        return f"the optimizer is {type(optimizer).__name__} without fused=True (set optim.fused=true)"
+    if fp16:
+        return "fp16's gradient scaler owns the step's found_inf"
+    if any(group.get("amsgrad") or group.get("maximize") for group in optimizer.param_groups):
+        return "amsgrad and maximize are not in its arithmetic"
+    return None
+
+
+def use_native_embedding_adamw(
+    setting: bool | None, optimizer: torch.optim.Optimizer, device: torch.device | str, fp16: bool
+) -> tuple[Path | None, ctypes.CDLL | None]:
+    """``trainer.native_embedding_adamw``: the library (its path and itself) where the run's embedding
+    takes it, else (None, None). null: on where it applies and builds; true where it cannot apply is an error."""
+    if setting is False:
+        return None, None
+    reason = why_not(optimizer, device, fp16)
+    if reason is not None:
+        if setting:
+            raise EngineError(f"{SETTING}=true: {reason}; use null or false")
+        return None, None
+    return native_masks.built_library(setting, SETTING, SOURCE, FLAGS, load, "the embedding takes the fused step")
+
+
+def enable_embedding_adamw(
+    optimizer: torch.optim.Optimizer, hf_model: nn.Module, library: ctypes.CDLL, required: bool = False
+) -> EmbeddingRowsStep | None:
+    """Step ``hf_model``'s input embedding with ``library`` (None where it has no trainable
+    ``nn.Embedding`` among the optimizer's parameters: an error when ``required``)."""
+    embedding = hf_model.get_input_embeddings() if hasattr(hf_model, "get_input_embeddings") else None
+    weight = embedding.weight if isinstance(embedding, nn.Embedding) else None
+    in_optimizer = weight is not None and any(p is weight for g in optimizer.param_groups for p in g["params"])
+    if not in_optimizer:
+        if required:
+            raise EngineError(f"{SETTING}=true: the model has no trainable input nn.Embedding in the optimizer")
+        return None
+    return EmbeddingRowsStep(optimizer, weight, library)
+
+
+class EmbeddingRowsStep:
+    """Steps ``weight`` (a parameter of ``optimizer``, a fused ``torch.optim.AdamW``) with the library,
+    from the optimizer's own step hooks; the rest of the parameters take the fused step as before."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, weight: nn.Parameter, library: ctypes.CDLL) -> None:
+        self.optimizer, self.weight, self.library = optimizer, weight, library
+        self.group()  # exactly one group holds it
+        self.active = torch.zeros(weight.shape[0] if weight.ndim == 2 else 0, dtype=torch.uint8)
+        self.active_rows = 0
+        self._known: tuple | None = None  # the moments as the library left them: (pointers, versions)
+        self._pending: tuple[torch.Tensor, float, torch.Tensor | None] | None = None
+        optimizer.register_step_pre_hook(self._set_aside)
+        optimizer.register_step_post_hook(self._step)
+
+    def group(self) -> dict:
+        """The parameter group holding the weight, looked up each step: ``load_state_dict`` (resume,
+        Accelerate's device placement) replaces the group dicts, and the scheduler sets the new ones' lr."""
+        groups = [group for group in self.optimizer.param_groups if any(p is self.weight for p in group["params"])]
+        if len(groups) != 1:
+            raise EngineError(f"{SETTING}: the embedding is in {len(groups)} of the optimizer's parameter groups")
+        return groups[0]
+
+    def _takes(self, grad: torch.Tensor | None) -> bool:
+        w = self.weight
+        return (
+            grad is not None
+            and not grad.is_sparse
+            and w.ndim == 2
+            and w.dtype == grad.dtype == torch.float32
+            and w.device.type == grad.device.type == "cpu"
+            and w.is_contiguous()
+            and grad.is_contiguous()
+        )
+
+    def _set_aside(self, optimizer, args, kwargs) -> None:
+        grad = self.weight.grad
+        self._pending = None
+        if not self._takes(grad):
+            return  # the fused step takes it (or there is nothing to step)
+        scale = getattr(optimizer, "grad_scale", None)  # trainer.clip_in_step's, read before its hook drops it
+        rows = nonzero_rows(grad)  # the sparse gradient buffer's written rows: the others are zero
+        self._pending = (grad, float(scale) if scale is not None else 0.0, rows)
+        self.weight.grad = None  # the fused step skips a parameter without a gradient
+
+    def _step(self, optimizer, args, kwargs) -> None:
+        if self._pending is None:
+            return
+        grad, scale, rows = self._pending
+        self._pending = None
+        self.weight.grad = grad
+        group, state = self.group(), optimizer.state[self.weight]
+        if not state:  # as the fused AdamW makes a parameter's state
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(self.weight, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(self.weight, memory_format=torch.preserve_format)
+        avg, sq = state["exp_avg"], state["exp_avg_sq"]
+        if not (avg.is_contiguous() and sq.is_contiguous() and avg.dtype == sq.dtype == torch.float32):
+            raise EngineError(f"{SETTING}: the embedding's AdamW moments are not contiguous float32 tensors")
+        if self._known != self._fingerprint(avg, sq):  # replaced or written since: which rows are active is unknown
+            self.active = ((avg != 0).any(1) | (sq != 0).any(1)).to(torch.uint8)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
+        self.active_rows = adamw_rows(
+            self.library, self.weight, grad, avg, sq, self.active, rows, *hyper, float(state["step"]), scale
+        )
+        if self.active_rows < 0:
+            raise EngineError(f"{SETTING}: a listed gradient row is outside the embedding's {self.weight.shape[0]}")
+        self._known = self._fingerprint(avg, sq)
+
+    @staticmethod
+    def _fingerprint(avg: torch.Tensor, sq: torch.Tensor) -> tuple:
+        return avg.data_ptr(), avg._version, sq.data_ptr(), sq._version
+
+
+def adamw_rows(
+    library: ctypes.CDLL,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    avg: torch.Tensor,
+    sq: torch.Tensor,
+    active: torch.Tensor,
+    rows: torch.Tensor | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: float,
+    scale: float,
+) -> int:
+    """One step of the library on contiguous float32 CPU matrices (``step``: the count after this
+    step; ``scale`` <= 0: no grad scale); the scalars derived as ATen's fused kernel derives them.
+    Returns the number of active rows, -1 where ``rows`` lists one outside the matrix."""
+    return library.engine_adamw_rows(
+        param.data_ptr(),
+        grad.data_ptr(),
+        avg.data_ptr(),
+        sq.data_ptr(),
+        active.data_ptr(),
+        rows.data_ptr() if rows is not None else None,
+        rows.numel() if rows is not None else -1,
+        param.shape[0],
+        param.shape[1],
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        1 - beta1**step,
+        math.sqrt(1 - beta2**step),
+        scale,
+        torch.get_num_threads(),
+    )
+
+
+def check(library: ctypes.CDLL, path: Path) -> None:
+    """A build whose step differs from ATen's fused AdamW refuses to load: four steps of a small matrix
+    with a never-touched row, a row touched from the second step, weight decay and a grad scale,
+    against ``torch._fused_adamw_`` itself (no optimizer object: nothing that counts steps sees them)."""
+    theirs = [torch.linspace(-1, 1, 4 * 40).reshape(4, 40), torch.zeros(4, 40), torch.zeros(4, 40)]
+    mine = [tensor.clone() for tensor in theirs]
+    active = torch.zeros(4, dtype=torch.uint8)
+    for step in range(1, 5):
+        grad = torch.sin(torch.arange(160.0) * step).reshape(4, 40)
+        grad[0] = 0
+        if step == 1:
+            grad[1] = 0
+        param, avg, sq = theirs
+        torch._fused_adamw_(
+            [param], [grad.clone()], [avg], [sq], [], [torch.tensor(float(step))], lr=1e-2, beta1=0.9,
+            beta2=0.999, weight_decay=0.1, eps=1e-8, amsgrad=False, maximize=False, grad_scale=torch.tensor(1.5),
+        )  # fmt: skip
+        adamw_rows(
+            library, mine[0], grad.clone(), mine[1], mine[2], active, None, 1e-2, 0.9, 0.999, 1e-8, 0.1, step, 1.5
+        )
+    if not all(torch.equal(a, b) for a, b in zip(theirs, mine, strict=True)):
+        raise EngineError(f"{SETTING}: {path} does not step as torch's fused AdamW")

@@ -1,0 +1,197 @@
+"""``trainer.native_embedding_adamw``: the word embedding's fused AdamW step, by rows."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from engine import native_adamw, native_masks
+from engine.errors import EngineError
+from tests.conftest import native_on_and_off
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+
+
+@pytest.fixture(scope="module")
+def library():
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    return native_adamw.load(native_masks.build(source=native_adamw.SOURCE, flags=native_adamw.FLAGS))
+
+
+def pair(rows: int, cols: int, library, **adamw):
+    """Two identical (embedding weight, bias) models, each with a fused AdamW: the reference and one
+    whose embedding the library steps."""
+    made = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        weight, bias = nn.Parameter(torch.randn(rows, cols)), nn.Parameter(torch.randn(cols))
+        optimizer = torch.optim.AdamW(
+            [{"params": [weight]}, {"params": [bias], "weight_decay": 0.0}], lr=3e-3, fused=True, **adamw
+        )
+        made.append((weight, bias, optimizer))
+    step = native_adamw.EmbeddingRowsStep(made[1][2], made[1][0], library)
+    return made[0], made[1], step
+
+
+def gradients(rows: int, cols: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gradient on a few rows only (the others exactly zero), different rows each step; row 0 never."""
+    generator = torch.Generator().manual_seed(step)
+    grad = torch.zeros(rows, cols)
+    touched = torch.randperm(rows - 1, generator=generator)[: rows // 5] + 1
+    grad[touched] = torch.randn(len(touched), cols, generator=generator)
+    return grad, torch.randn(cols, generator=generator)
+
+
+def run(models, steps, rows, cols, scale=None, first=0):
+    for step in range(first, first + steps):
+        grad, bias_grad = gradients(rows, cols, step)
+        for weight, bias, optimizer in models:
+            weight.grad, bias.grad = grad.clone(), bias_grad.clone()
+            if scale is not None:
+                optimizer.grad_scale = torch.tensor(scale)
+            optimizer.step()
+            optimizer.__dict__.pop("grad_scale", None)
+            optimizer.zero_grad(set_to_none=True)
+
+
+def assert_same(reference, ours):
+    (w0, b0, o0), (w1, b1, o1) = reference, ours
+    assert torch.equal(w0, w1) and torch.equal(b0, b1)
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(o0.state[w0][key], o1.state[w1][key]), key
+        assert o0.state[w0][key].dtype == o1.state[w1][key].dtype
+
+
+@pytest.mark.parametrize("cols", [384, 37])
+@pytest.mark.parametrize(
+    ("weight_decay", "betas", "scale"),
+    [(0.01, (0.9, 0.999), None), (0.0, (0.9, 0.999), 1.7), (0.1, (0.3, 0.99), 2.5)],
+    ids=["decay", "no-decay-scaled", "other-lerp-branch-scaled"],
+)
+def test_the_steps_are_torchs_fused_adamw_bit_for_bit(library, cols, weight_decay, betas, scale):
+    rows = 50
+    reference, ours, step = pair(rows, cols, library, weight_decay=weight_decay, betas=betas)
+    run([reference, ours], 6, rows, cols, scale)
+    assert_same(reference, ours)
+    ever = sum(gradients(rows, cols, s)[0].ne(0).any(1) for s in range(6)).ne(0)
+    assert step.active_rows == int(ever.sum()) and not ever[0]
+    assert torch.equal(step.active.bool(), ever)
+    # the same state_dict as torch's, so runs resume across the setting
+    assert ours[2].state_dict()["state"].keys() == reference[2].state_dict()["state"].keys()
+
+
+def test_a_resumed_or_rewritten_state_rebuilds_the_active_rows(library):
+    rows, cols = 40, 24
+    reference, ours, step = pair(rows, cols, library, weight_decay=0.01)
+    run([reference], 3, rows, cols)
+    ours[0].data.copy_(reference[0].data)
+    ours[1].data.copy_(reference[1].data)
+    ours[2].load_state_dict(copy.deepcopy(reference[2].state_dict()))  # as resume does: new moment tensors
+    for _, _, optimizer in (reference, ours):  # the scheduler sets the lr of the new group dicts
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3
+    run([reference, ours], 2, rows, cols, first=3)
+    assert_same(reference, ours)
+    # a moment written in place by anything else (row 0 never had a gradient): the rows are rebuilt
+    for weight, _, optimizer in (reference, ours):
+        optimizer.state[weight]["exp_avg"][0] = 0.5
+    run([reference, ours], 1, rows, cols, first=5)
+    assert_same(reference, ours)
+    assert step.active[0] == 1
+
+
+def test_a_gradient_it_cannot_take_goes_to_the_fused_step(library):
+    rows, cols = 30, 16
+    reference, ours, step = pair(rows, cols, library, weight_decay=0.01)
+    grad, bias_grad = gradients(rows, cols, 0)
+    for weight, bias, optimizer in (reference, ours):
+        weight.grad, bias.grad = grad.t().contiguous().t(), bias_grad.clone()  # not contiguous
+        optimizer.step()
+    assert_same(reference, ours)
+    assert step.active_rows == 0 and ours[0].grad is not None
+
+
+def test_defaults_and_errors(monkeypatch, tmp_path, caplog):
+    weight = nn.Parameter(torch.zeros(4, 4))
+    fused = torch.optim.AdamW([weight], fused=True)
+    plain = torch.optim.AdamW([weight])
+    assert native_adamw.use_native_embedding_adamw(False, fused, "cpu", False) == (None, None)
+    for optimizer, device, fp16, why in [
+        (fused, "cuda", False, "it steps CPU tensors"),
+        (plain, "cpu", False, "without fused=True"),
+        (fused, "cpu", True, "fp16's gradient scaler"),
+        (torch.optim.AdamW([weight], fused=True, amsgrad=True), "cpu", False, "amsgrad"),
+    ]:
+        assert native_adamw.use_native_embedding_adamw(None, optimizer, device, fp16) == (None, None)
+        with pytest.raises(EngineError, match=f"trainer.native_embedding_adamw=true: .*{why}"):
+            native_adamw.use_native_embedding_adamw(True, optimizer, device, fp16)
+    with pytest.raises(EngineError, match="no trainable input nn.Embedding"):
+        native_adamw.enable_embedding_adamw(fused, nn.Linear(2, 2), None, required=True)
+    assert native_adamw.enable_embedding_adamw(fused, nn.Linear(2, 2), None) is None
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(EngineError, match="trainer.native_embedding_adamw: could not run the C compiler"):
+        native_adamw.use_native_embedding_adamw(True, fused, "cpu", False)
+    assert native_adamw.use_native_embedding_adamw(None, fused, "cpu", False) == (None, None)
+    assert "the embedding takes the fused step" in caplog.text
+
+
+@needs_cc
+def test_a_training_run_steps_its_embedding_by_rows_to_the_same_weights(make_cfg, tmp_path):
+    """On by default for CPU training, logged; the same losses and checkpoint as the fused step."""
+    runs = native_on_and_off(make_cfg, tmp_path, "native_embedding_adamw", "word embedding AdamW by rows")
+    assert len(runs["null"]) == 8 and runs["null"] == runs["false"]
+    on, off = (torch.load(tmp_path / v / "best_acc_classify.pth") for v in ("null", "false"))
+    assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
+
+
+def test_a_library_that_steps_differently_refuses_to_load(tmp_path):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    broken = tmp_path / "adamw_rows.c"
+    broken.write_text(native_adamw.SOURCE.read_text().replace("p[j] = p[j] * decay;", "p[j] = p[j];"))
+    path = native_masks.build(tmp_path / "cache", source=broken, flags=native_adamw.FLAGS)
+    with pytest.raises(EngineError, match="does not step as torch's fused AdamW"):
+        native_adamw.load(path)
+
+
+def test_with_the_sparse_gradient_buffer_only_the_written_rows_are_read(library, monkeypatch):
+    """The sparse embedding gradient lists the rows it wrote: the library takes that list (no other row's
+    gradient is read) and still steps exactly as the fused AdamW does."""
+    from engine.embedding_grad import enable_sparse_embedding_grad, nonzero_rows
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(60, 24)
+
+        def get_input_embeddings(self):
+            return self.embedding
+
+    models, optimizers = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = Tiny()
+        assert enable_sparse_embedding_grad(model) is model.embedding
+        models.append(model)
+        optimizers.append(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=True))
+    step = native_adamw.enable_embedding_adamw(optimizers[1], models[1], library, required=True)
+    listed = []
+    monkeypatch.setattr(native_adamw, "nonzero_rows", lambda grad: listed.append(nonzero_rows(grad)) or listed[-1])
+    for i in range(5):
+        ids = torch.randint(1, 60, (3, 7), generator=torch.Generator().manual_seed(i))
+        for model, optimizer in zip(models, optimizers, strict=True):
+            (model.embedding(ids) * torch.linspace(-1, 1, 24)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    weights = [m.embedding.weight for m in models]
+    assert torch.equal(weights[0], weights[1])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(optimizers[0].state[weights[0]][key], optimizers[1].state[weights[1]][key])
+    assert len(listed) == 5 and all(rows is not None for rows in listed)
+    assert step.active_rows == len(torch.unique(torch.cat([r for r in listed])))
