@@ -152,3 +152,17 @@ def native_on_and_off(make_cfg, tmp_path, setting: str, logged: str) -> dict[str
         runs[value] = [step["loss"] for step in steps]
         assert (logged in (out / "train.log").read_text()) == (value == "null")
     return runs
+
+
+def broken_copy(source: Path, old: str, new: str, folder: Path) -> Path:
+    """A copy of the C file ``source`` in ``folder`` with ``old`` replaced by ``new`` (the headers it
+    may include copied beside it), for the libraries' load checks."""
+    import shutil
+
+    text = source.read_text()
+    assert old in text, f"{source.name} no longer has {old!r}"
+    for header in source.parent.glob("*.h"):
+        shutil.copy(header, folder)
+    broken = folder / source.name
+    broken.write_text(text.replace(old, new))
+    return broken

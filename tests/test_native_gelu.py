@@ -13,7 +13,7 @@ from transformers.activations import GELUActivation
 from engine import native_gelu, native_masks
 from engine.errors import EngineError
 from engine.fused_inference import _is_exact_gelu
-from tests.conftest import native_on_and_off
+from tests.conftest import broken_copy, native_on_and_off
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -120,9 +120,7 @@ def test_a_training_run_uses_the_native_gelu(make_cfg, tmp_path):
 def test_a_library_that_does_not_look_up_refuses_to_load(tmp_path):
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")
-    broken = tmp_path / "gelu.c"
-    shutil.copy(native_gelu.SOURCE.with_name("bf16.h"), tmp_path)
-    broken.write_text(native_gelu.SOURCE.read_text().replace("y[i] = table[x[i]];", "y[i] = x[i];"))
+    broken = broken_copy(native_gelu.SOURCE, "y[i] = table[x[i]];", "y[i] = x[i];", tmp_path)
     path = native_masks.build(tmp_path / "cache", source=broken, flags=native_gelu.FLAGS)
     with pytest.raises(EngineError, match="does not look its table up"):
         native_gelu.load(path)

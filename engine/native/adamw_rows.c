@@ -19,7 +19,8 @@
  *   v = fma((1 - beta2) * g, g, v * beta2)                    (ATen's build contracts it so)
  *   p = p + (-lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
  * Built with -ffp-contract=off, so no other product is fused into an addition; tested bit for bit
- * against torch.optim.AdamW(fused=True). Rows are split over an OpenMP team (torch's own pool in a torch process: same libgomp soname).
+ * against torch.optim.AdamW(fused=True). Rows are split over an OpenMP team (torch's own pool in a
+ * torch process: same libgomp soname).
  */
 #include <math.h>
 #include <stdint.h>
@@ -27,11 +28,7 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CLONES
-#endif
+#include "clones.h"
 
 typedef struct {
     float *param, *grad, *exp_avg, *exp_avg_sq;

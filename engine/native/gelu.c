@@ -14,11 +14,7 @@
 
 #include "bf16.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CLONES
-#endif
+#include "clones.h"
 
 CLONES
 static void forward_range(const uint16_t *x, uint16_t *y, const uint16_t *table, int64_t begin, int64_t end) {
