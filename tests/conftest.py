@@ -154,15 +154,22 @@ def native_on_and_off(make_cfg, tmp_path, setting: str, logged: str) -> dict[str
     return runs
 
 
-def broken_copy(source: Path, old: str, new: str, folder: Path) -> Path:
-    """A copy of the C file ``source`` in ``folder`` with ``old`` replaced by ``new`` (the headers it
-    may include copied beside it), for the libraries' load checks."""
+def assert_broken_build_refused(module, old: str, new: str, folder: Path, match: str) -> None:
+    """A native library module (``SOURCE``, ``FLAGS``, ``load``): a build of its C file with ``old``
+    replaced by ``new`` (the headers it may include copied beside it) refuses to load, ``match``ing."""
     import shutil
 
-    text = source.read_text()
-    assert old in text, f"{source.name} no longer has {old!r}"
-    for header in source.parent.glob("*.h"):
+    from engine import native_masks
+    from engine.errors import EngineError
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    text = module.SOURCE.read_text()
+    assert old in text, f"{module.SOURCE.name} no longer has {old!r}"
+    for header in module.SOURCE.parent.glob("*.h"):
         shutil.copy(header, folder)
-    broken = folder / source.name
+    broken = folder / module.SOURCE.name
     broken.write_text(text.replace(old, new))
-    return broken
+    path = native_masks.build(folder / "cache", source=broken, flags=module.FLAGS)
+    with pytest.raises(EngineError, match=match):
+        module.load(path)

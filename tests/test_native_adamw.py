@@ -11,7 +11,7 @@ from torch import nn
 
 from engine import native_adamw, native_masks
 from engine.errors import EngineError
-from tests.conftest import broken_copy, native_on_and_off
+from tests.conftest import assert_broken_build_refused, native_on_and_off
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -151,12 +151,9 @@ def test_a_training_run_steps_its_embedding_by_rows_to_the_same_weights(make_cfg
 
 
 def test_a_library_that_steps_differently_refuses_to_load(tmp_path):
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
-    broken = broken_copy(native_adamw.SOURCE, "p[j] = p[j] * decay;", "p[j] = p[j];", tmp_path)
-    path = native_masks.build(tmp_path / "cache", source=broken, flags=native_adamw.FLAGS)
-    with pytest.raises(EngineError, match="does not step as torch's fused AdamW"):
-        native_adamw.load(path)
+    assert_broken_build_refused(
+        native_adamw, "p[j] = p[j] * decay;", "p[j] = p[j];", tmp_path, "does not step as torch's fused AdamW"
+    )
 
 
 def test_with_the_sparse_gradient_buffer_only_the_written_rows_are_read(library, monkeypatch):

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import GELUActivation
 
-from engine import native_gelu, native_masks
+from engine import native_gelu
 from engine.errors import EngineError
 from engine.fused_inference import _is_exact_gelu
-from tests.conftest import broken_copy, native_on_and_off
+from tests.conftest import assert_broken_build_refused, native_on_and_off
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -118,9 +118,6 @@ def test_a_training_run_uses_the_native_gelu(make_cfg, tmp_path):
 
 
 def test_a_library_that_does_not_look_up_refuses_to_load(tmp_path):
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
-    broken = broken_copy(native_gelu.SOURCE, "y[i] = table[x[i]];", "y[i] = x[i];", tmp_path)
-    path = native_masks.build(tmp_path / "cache", source=broken, flags=native_gelu.FLAGS)
-    with pytest.raises(EngineError, match="does not look its table up"):
-        native_gelu.load(path)
+    assert_broken_build_refused(
+        native_gelu, "y[i] = table[x[i]];", "y[i] = x[i];", tmp_path, "does not look its table up"
+    )
