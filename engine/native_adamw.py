@@ -6,11 +6,14 @@ touch a minority of its rows. A row that has never had a non-zero gradient has b
 zero, so its AdamW update is exactly the weight decay alone (the Adam term is 0 / (0 + eps)).
 ``engine/native/adamw_rows.c`` steps the embedding row by row: rows that have had a gradient take
 ATen's fused AdamW arithmetic, the others only the decay multiply (8 of the 28 bytes, after a read
-of their gradient row, unless the sparse gradient's buffer lists the rows it wrote,
-:func:`engine.embedding_grad.nonzero_rows`). The results are those of ``torch.optim.AdamW(fused=True)`` bit for bit
-(tested), and the optimizer is that class with the same ``state_dict``: the embedding is taken out
-of the fused step by a step pre-hook (its ``.grad`` set aside, so the fused kernel skips it) and
-stepped by the library in the post-hook, on the same ``state`` entries torch would make.
+of their gradient row, unless the sparse gradient's buffer lists the rows it wrote:
+:func:`engine.embedding_grad.nonzero_rows`). The results are those of
+``torch.optim.AdamW(fused=True)`` bit for bit (tested), and the optimizer is that class with the
+same ``state_dict``: the embedding is taken out of the fused step by a step pre-hook (its ``.grad``
+set aside, so the fused kernel skips it) and stepped by the library in the post-hook, on the same
+``state`` entries torch would make. On this project's Zen 5 CPU, MRPC training: the optimizer step
+12.0-13.2 -> 7.7-8.2 ms over the first 100 steps, 11.7-14.1 -> 10.1-10.9 ms in the second epoch
+(MRPC's training set uses 11563 of the 30522 word pieces, so the gain shrinks as rows activate).
 
 Which rows are active is kept in one byte a row, and rebuilt from the moments (a row is active where
 either moment is non-zero) whenever the moments were replaced or written by anything else since the

@@ -93,7 +93,8 @@ static void rows_range(const step_args *a, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r++) {
         float *p = a->param + r * n, *g = a->grad + r * n;
         if (!a->active[r]) {
-            if (a->rows_known || all_zero(g, n)) { /* moments 0, gradient 0: the weight decay is the whole update */
+            /* moments 0 and gradient 0: the weight decay is the whole update */
+            if (a->rows_known || all_zero(g, n)) {
                 if (a->decay_on) decay_row(p, n, a->decay);
                 continue;
             }
@@ -106,12 +107,14 @@ static void rows_range(const step_args *a, int64_t begin, int64_t end) {
 /* One AdamW step of a rows x cols float32 matrix; the scalars as ATen's fused kernel derives them
  * (in double) from lr, betas, eps, weight decay and the step count. grad_scale <= 0: none. `listed`
  * (listed_count >= 0): every row whose gradient may be non-zero, so no other row's gradient is
- * read; listed_count < 0: unknown, each inactive row's gradient is read. Returns the number of active rows after. */
+ * read; listed_count < 0: unknown, each inactive row's gradient is read. Returns the number of
+ * active rows after the step, or -1 (nothing stepped) where a listed row is outside the matrix. */
 int64_t engine_adamw_rows(float *param, float *grad, float *exp_avg, float *exp_avg_sq, uint8_t *active,
                           const int64_t *listed, int64_t listed_count, int64_t rows, int64_t cols, double lr,
                           double beta1, double beta2, double eps, double weight_decay, double bias_correction1,
                           double bias_correction2_sqrt, double grad_scale, int threads) {
-    for (int64_t i = 0; i < listed_count; i++) { /* a listed row whose gradient is zero steps as decay alone anyway */
+    /* A listed row marked active whose gradient is zero still steps as decay alone: its moments are 0. */
+    for (int64_t i = 0; i < listed_count; i++) {
         if (listed[i] < 0 || listed[i] >= rows) return -1;
         active[listed[i]] = 1;
     }
