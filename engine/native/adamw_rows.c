@@ -24,11 +24,9 @@
  */
 #include <math.h>
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "clones.h"
+#include "team.h"
 
 typedef struct {
     float *param, *grad, *exp_avg, *exp_avg_sq;
@@ -137,15 +135,11 @@ int64_t engine_adamw_rows(float *param, float *grad, float *exp_avg, float *exp_
                    grad_scale > 0.0,
                    fabsf((float)(1.0 - beta1)) < 0.5f,
                    listed_count >= 0};
-    if (threads < 1) threads = 1;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(team_size(threads, rows, 1))
     {
-        int team = 1, me = 0;
-#ifdef _OPENMP
-        team = omp_get_num_threads();
-        me = omp_get_thread_num();
-#endif
-        rows_range(&a, rows * me / team, rows * (me + 1) / team);
+        int64_t begin, end;
+        team_share(rows, &begin, &end);
+        rows_range(&a, begin, end);
     }
     int64_t count = 0;
     for (int64_t r = 0; r < rows; r++) count += active[r];

@@ -8,13 +8,10 @@
  * own pool in a torch process: the library links libgomp by the same soname).
  */
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "bf16.h"
-
 #include "clones.h"
+#include "team.h"
 
 CLONES
 static void forward_range(const uint16_t *x, uint16_t *y, const uint16_t *table, int64_t begin, int64_t end) {
@@ -25,11 +22,6 @@ CLONES
 static void backward_range(const uint16_t *dy, const uint16_t *x, uint16_t *dx, const float *slope, int64_t begin,
                            int64_t end) {
     for (int64_t i = begin; i < end; i++) dx[i] = float_to_bf16(bf16_to_float(dy[i]) * slope[x[i]]);
-}
-
-static int team_size(int threads, int64_t n) {
-    if ((int64_t)threads * 16384 > n) threads = (int)(n / 16384); /* too little work to pay a thread */
-    return threads < 1 ? 1 : threads;
 }
 
 typedef struct {
@@ -49,14 +41,11 @@ static void backward_body(const gelu_args *g, int64_t begin, int64_t end) {
 /* body over [0, n) cut into one contiguous range per thread of the team */
 static void in_parallel(void (*body)(const gelu_args *, int64_t, int64_t), const gelu_args *g, int64_t n,
                         int threads) {
-#pragma omp parallel num_threads(team_size(threads, n))
+#pragma omp parallel num_threads(team_size(threads, n, 16384))
     {
-        int team = 1, me = 0;
-#ifdef _OPENMP
-        team = omp_get_num_threads();
-        me = omp_get_thread_num();
-#endif
-        body(g, n * me / team, n * (me + 1) / team);
+        int64_t begin, end;
+        team_share(n, &begin, &end);
+        body(g, begin, end);
     }
 }
 

@@ -15,14 +15,12 @@
  * to `threads` (the caller passes torch's intra-op thread count; see run()).
  */
 #include <math.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
+#include "team.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -206,27 +204,21 @@ static int use_avx512(void) {
 }
 
 /* Returns 0, or -1 when memory for a scratch row could not be had. Rows are split over an OpenMP
-   team: the library links libgomp, which in a torch process is torch's own (same soname), so the
-   team is torch's warm intra-op pool rather than threads started per call. */
+   team (team.h): torch's warm intra-op pool rather than threads started per call. */
 static int run(job_t job, int backward, int threads, int force_generic) {
     kernel_t kernel = backward ? backward_generic : forward_generic;
 #ifdef HAVE_AVX512_PATH
     if (!force_generic && use_avx512()) kernel = backward ? backward_avx512 : forward_avx512;
 #endif
     const int64_t rows = job.row1 - job.row0;
-    if ((int64_t)threads * 64 > rows) threads = (int)(rows / 64); /* too few rows to pay a thread */
-    if (threads < 1) threads = 1;
     int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
+#pragma omp parallel num_threads(team_size(threads, rows, 64)) reduction(| : failed)
     {
-        int team = 1, me = 0;
-#ifdef _OPENMP
-        team = omp_get_num_threads();
-        me = omp_get_thread_num();
-#endif
+        int64_t begin, end;
+        team_share(rows, &begin, &end);
         job_t mine = job;
-        mine.row0 = job.row0 + rows * me / team;
-        mine.row1 = job.row0 + rows * (me + 1) / team;
+        mine.row0 = job.row0 + begin;
+        mine.row1 = job.row0 + end;
         float *buf = (float *)malloc(((size_t)job.n + 16) * sizeof(float));
         if (buf) {
             kernel(&mine, buf);
