@@ -261,7 +261,7 @@ LEVERS = [
     (
         "baseline: random batches, unsorted eval, fp32, per-tensor AdamW, per-element dropout draws, "
         "dense embedding gradient, unfused inference, full last layer, padded evaluation, no length rounding, "
-        "clipping as its own pass",
+        "clipping as its own pass, autocast's weight casts",
         [
             "data.group_by_length=false",
             "data.sort_eval_by_length=false",
@@ -278,6 +278,7 @@ LEVERS = [
             "data.pad_to_multiple_of=1",
             "trainer.clip_in_step=false",
             "trainer.native_embedding_adamw=false",
+            "trainer.bf16_weights=false",
         ],
     ),
     ("+ fused AdamW", ["optim.fused=null"]),
@@ -301,8 +302,12 @@ LEVERS = [
     ),
     ("+ gradient clipping inside the fused AdamW step", ["trainer.clip_in_step=null"]),
     (
-        "+ the word embedding's AdamW by rows (untouched rows: the decay only; every default on)",
+        "+ the word embedding's AdamW by rows (untouched rows: the decay only)",
         ["trainer.native_embedding_adamw=null"],
+    ),
+    (
+        "+ linears on bf16 weights from float32 masters (no autocast casts; every default on)",
+        ["trainer.bf16_weights=null"],
     ),
     ("+ torch.compile (length buckets of 32)", ["trainer.compile=true"]),
 ]

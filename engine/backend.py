@@ -127,9 +127,10 @@ class ManualBackend:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._dtype)
 
-    def clip_in_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def clip_in_step(self, optimizer: torch.optim.Optimizer) -> StepScaleClipper:
         """``trainer.clip_in_step``: later clips leave their multiply to ``optimizer``'s fused step."""
         self._clipper = StepScaleClipper(optimizer)
+        return self._clipper
 
     def clip_grad_norm_(self, parameters: Any, max_norm: float) -> torch.Tensor:
         if self._clipper is not None:

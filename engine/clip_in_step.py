@@ -20,6 +20,7 @@ process, no fp16 loss scaler, which owns ``grad_scale`` itself) with a fused opt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,6 +62,9 @@ class StepScaleClipper:
         if not supports_step_scale(optimizer):
             raise EngineError(f"{type(optimizer).__name__}: its step takes no grad_scale")
         self.optimizer = optimizer
+        # The norm of gradients kept off the parameters' ``.grad`` (``trainer.bf16_weights``'s bf16
+        # copies), None where there are none; it joins the norm, and its gradients take the step's scale.
+        self.other_norm: Callable[[], torch.Tensor | None] = lambda: None
         # A scale serves one step only: dropped once the step has used it.
         optimizer.register_step_post_hook(lambda opt, args, kwargs: opt.__dict__.pop("grad_scale", None))
 
@@ -70,13 +74,19 @@ class StepScaleClipper:
         if isinstance(parameters, torch.Tensor):
             parameters = [parameters]
         grads = [p.grad for p in parameters if p.grad is not None]
-        if not grads:
+        other = self.other_norm()
+        if not grads and other is None:
             self.optimizer.__dict__.pop("grad_scale", None)
             return torch.tensor(0.0)
         parts: list[torch.Tensor] = []
         for grad in grads:
             rows = nonzero_rows(grad)  # the sparse embedding gradient's buffer: its written rows only
-            parts.append(grad if rows is None else torch.linalg.vector_norm(grad.index_select(0, rows)))
+            if rows is not None:
+                parts.append(torch.linalg.vector_norm(grad.index_select(0, rows)))
+            else:
+                parts.append(grad)
+        if other is not None:
+            parts.append(other)
         norm = torch.nn.utils.get_total_norm(parts)
         self.optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp_(min=1.0).to(torch.float32)
         return norm

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine import checkpoint, resume, tracking
 from engine.backend import Backend, make_backend
+from engine.bf16_weights import enable_bf16_weights, use_bf16_weights
 from engine.clip_in_step import use_clip_in_step
 from engine.config import Config, MixedPrecision, NonFinite, OptimConfig, ProblemType, validate
 from engine.data import eval_loader, format_preflight, load_data, make_collator, restore_order, row_order, train_loader
@@ -443,9 +444,18 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
         num_training_steps=total_steps,
     )
     (scheduler,) = backend.prepare(scheduler)
+    clipper = None
     if use_clip_in_step(t.clip_in_step, backend.name, backend.device, fp16, optimizer, t.max_grad_norm):
-        backend.clip_in_step(optimizer)
+        clipper = backend.clip_in_step(optimizer)
         log.info("gradient clipping inside the fused optimizer step (grad_scale)")
+    bf16 = backend.mixed_precision == MixedPrecision.bf16
+    conditions = (optimizer, backend.device, backend.name, bf16, t.grad_accum_steps, t.compile, clipper is not None)
+    bf16_path, bf16_library = use_bf16_weights(t.bf16_weights, *conditions)
+    if bf16_library is not None and clipper is not None:
+        copies = enable_bf16_weights(optimizer, classifier.hf_model, bf16_library, bool(t.bf16_weights))
+        if copies is not None:
+            clipper.other_norm = copies.norm
+            log.info("linear layers on bf16 copies (%d parameters) stepped from %s", copies.parameters, bf16_path)
 
     # --- Resume: a saved state replaces the fresh weights, optimizer and schedule -------
     progress = Progress()

@@ -139,15 +139,15 @@ def _torch_masks_between_tests():
     native_gelu.use_native_gelu(False)
 
 
-def native_on_and_off(make_cfg, tmp_path, setting: str, logged: str) -> dict[str, list[float]]:
-    """A tiny fast-dropout training run with ``trainer.<setting>`` null (the default) and false: the
-    step losses of each; asserts that only the null run's log has ``logged``."""
+def native_on_and_off(make_cfg, tmp_path, setting: str, logged: str, *extra: str) -> dict[str, list[float]]:
+    """A tiny fast-dropout training run (more overrides: ``extra``) with ``trainer.<setting>`` null (the
+    default) and false: the step losses of each; asserts that only the null run's log has ``logged``."""
     from engine.loop import train
 
     runs = {}
     for value in ("null", "false"):
         out = tmp_path / value
-        train(make_cfg(*TINY, "trainer.fast_dropout=true", f"trainer.{setting}={value}", output_dir=out))
+        train(make_cfg(*TINY, "trainer.fast_dropout=true", *extra, f"trainer.{setting}={value}", output_dir=out))
         steps = [json.loads(line) for line in (out / "train_steps.jsonl").read_text().splitlines()]
         runs[value] = [step["loss"] for step in steps]
         assert (logged in (out / "train.log").read_text()) == (value == "null")

@@ -34,12 +34,15 @@ def test_every_lever_row_is_a_valid_config(make_cfg):
             t.fused_inference is not False,
             t.first_token_last_layer is not False,
             t.packed_inference is not False,
+            t.clip_in_step is not False,
+            t.native_embedding_adamw is not False,
+            t.bf16_weights is not False,
             t.compile,
         )
         seen.append((config.data.group_by_length, config.data.pad_to_multiple_of, t.mixed_precision, *levers))
     # The baseline switches every lever off; the last row has them all on.
-    assert seen[0] == (False, 1, MixedPrecision.no, *[False] * 9)
-    assert seen[-1] == (True, None, MixedPrecision.bf16, *[True] * 9)
+    assert seen[0] == (False, 1, MixedPrecision.no, *[False] * 12)
+    assert seen[-1] == (True, None, MixedPrecision.bf16, *[True] * 12)
 
 
 def test_mean_and_sd_over_seeds():

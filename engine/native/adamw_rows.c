@@ -10,21 +10,14 @@
  * lists the rows the step's gradient wrote (the sparse embedding gradient's buffer knows them), the
  * other rows' gradients are not even read.
  *
- * The full step is the arithmetic of ATen's fused CPU AdamW (adam_math, ADAMW mode, no amsgrad, no
- * maximize), in float32 with the scalars rounded to float32 as it rounds them:
- *   g = g / grad_scale (when given; stored back, as ATen does)
- *   p = p * (1 - lr * wd)                                      (when wd != 0)
- *   m = fma(w, g - m, m), w = 1 - beta1                          (torch.lerp; w < 0.5,
- *       else fma(w - 1, g - m, g))
- *   v = fma((1 - beta2) * g, g, v * beta2)                    (ATen's build contracts it so)
- *   p = p + (-lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
- * Built with -ffp-contract=off, so no other product is fused into an addition; tested bit for bit
- * against torch.optim.AdamW(fused=True). Rows are split over an OpenMP team (torch's own pool in a
- * torch process: same libgomp soname).
+ * The full step is the arithmetic of ATen's fused CPU AdamW (adamw_math.h; the scaled gradient is
+ * stored back, as ATen does), tested bit for bit against torch.optim.AdamW(fused=True). Rows are
+ * split over an OpenMP team (torch's own pool in a torch process: same libgomp soname).
  */
 #include <math.h>
 #include <stdint.h>
 
+#include "adamw_math.h"
 #include "clones.h"
 #include "team.h"
 
@@ -32,9 +25,7 @@ typedef struct {
     float *param, *grad, *exp_avg, *exp_avg_sq;
     uint8_t *active;
     int64_t rows, cols;
-    int decay_on;
-    float decay, lerp_weight, beta2, sq_weight, bias_correction2_sqrt, eps, neg_step_size, grad_scale;
-    int scaled, small_weight;
+    adamw_scalars s;
     int rows_known; /* the caller listed every row whose gradient may be non-zero (marked active first) */
 } step_args;
 
@@ -50,40 +41,13 @@ static void decay_row(float *restrict p, int64_t n, float decay) {
     for (int64_t j = 0; j < n; j++) p[j] = p[j] * decay;
 }
 
-/* The scalars are locals (not loads through `a`, which the stores could alias) and the branches
- * are outside the loop, so each variant vectorises. */
-#define FULL_ROW_LOOP(SCALED, DECAY, SMALL)                                                             \
-    for (int64_t j = 0; j < n; j++) {                                                                  \
-        float grad = g[j];                                                                             \
-        if (SCALED) {                                                                                  \
-            grad = grad / scale;                                                                       \
-            g[j] = grad;                                                                               \
-        }                                                                                              \
-        const float param = (DECAY) ? p[j] * decay : p[j];                                             \
-        const float avg = (SMALL) ? fmaf(w, grad - m[j], m[j]) : fmaf(w - 1.0f, grad - m[j], grad);    \
-        const float sq = fmaf(sq_weight * grad, grad, v[j] * beta2); /* as ATen's build contracts it */ \
-        m[j] = avg;                                                                                    \
-        v[j] = sq;                                                                                     \
-        p[j] = param + neg_step_size * avg / (sqrtf(sq) / bc2_sqrt + eps);                             \
-    }
+#define GRAD_AT(j) g[j]
+#define STORE_SCALED(j, value) g[j] = (value)
 
 CLONES
 static void full_row(const step_args *a, float *restrict p, float *restrict g, float *restrict m, float *restrict v) {
     const int64_t n = a->cols;
-    const float scale = a->grad_scale, decay = a->decay, w = a->lerp_weight, beta2 = a->beta2;
-    const float sq_weight = a->sq_weight, bc2_sqrt = a->bias_correction2_sqrt, eps = a->eps;
-    const float neg_step_size = a->neg_step_size;
-    if (a->small_weight) {
-        if (a->scaled && a->decay_on) FULL_ROW_LOOP(1, 1, 1)
-        else if (a->scaled) FULL_ROW_LOOP(1, 0, 1)
-        else if (a->decay_on) FULL_ROW_LOOP(0, 1, 1)
-        else FULL_ROW_LOOP(0, 0, 1)
-    } else {
-        if (a->scaled && a->decay_on) FULL_ROW_LOOP(1, 1, 0)
-        else if (a->scaled) FULL_ROW_LOOP(1, 0, 0)
-        else if (a->decay_on) FULL_ROW_LOOP(0, 1, 0)
-        else FULL_ROW_LOOP(0, 0, 0)
-    }
+    ADAMW_STEP(a->s, GRAD_AT, STORE_SCALED);
 }
 
 static void rows_range(const step_args *a, int64_t begin, int64_t end) {
@@ -93,7 +57,7 @@ static void rows_range(const step_args *a, int64_t begin, int64_t end) {
         if (!a->active[r]) {
             /* moments 0 and gradient 0: the weight decay is the whole update */
             if (a->rows_known || all_zero(g, n)) {
-                if (a->decay_on) decay_row(p, n, a->decay);
+                if (a->s.decay_on) decay_row(p, n, a->s.decay);
                 continue;
             }
             a->active[r] = 1;
@@ -116,24 +80,9 @@ int64_t engine_adamw_rows(float *param, float *grad, float *exp_avg, float *exp_
         if (listed[i] < 0 || listed[i] >= rows) return -1;
         active[listed[i]] = 1;
     }
-    step_args a = {param,
-                   grad,
-                   exp_avg,
-                   exp_avg_sq,
-                   active,
-                   rows,
-                   cols,
-                   weight_decay != 0.0,
-                   (float)(1.0 - lr * weight_decay),
-                   (float)(1.0 - beta1),
-                   (float)beta2,
-                   (float)(1.0 - beta2),
-                   (float)bias_correction2_sqrt,
-                   (float)eps,
-                   (float)(-(lr / bias_correction1)),
-                   (float)grad_scale,
-                   grad_scale > 0.0,
-                   fabsf((float)(1.0 - beta1)) < 0.5f,
+    step_args a = {param,      grad, exp_avg, exp_avg_sq, active, rows, cols,
+                   adamw_scalars_of(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
+                                    grad_scale),
                    listed_count >= 0};
 #pragma omp parallel num_threads(team_size(threads, rows, 1))
     {
