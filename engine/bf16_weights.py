@@ -48,6 +48,7 @@ from torch import nn
 from engine import native_masks
 from engine.errors import EngineError
 from engine.first_token import mixed_class
+from engine.native_adamw import hyper_parameters, kernel_scalars, next_step
 
 SOURCE = Path(__file__).with_name("native") / "adamw_bf16.c"
 FLAGS = ("-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-lm")
@@ -183,11 +184,11 @@ def enable_bf16_weights(
         if not isinstance(module, Bf16WeightsLinear):
             module.__class__ = mixed_class(Bf16WeightsLinear, type(module), "Bf16Weights")
         copies += [c for c in (weight, bias) if c is not None]
-    if not copies:
-        if required:
-            raise EngineError(f"{SETTING}=true: no trainable float32 nn.Linear parameter in the optimizer")
-        return None
-    return Bf16Weights(optimizer, copies, library)
+    if copies:
+        return Bf16Weights(optimizer, copies, library)
+    if required:
+        raise EngineError(f"{SETTING}=true: no trainable float32 nn.Linear parameter in the optimizer")
+    return None
 
 
 class Bf16Weights:
@@ -251,34 +252,17 @@ class Bf16Weights:
         pending, scale = self._pending
         self._pending = None
         group_of = {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        batches: dict[tuple[int, float], list[Bf16Copy]] = {}
+        # One library call per parameter group and step count (in a run: one per group).
+        batches: dict[tuple[int, float], list[tuple[Bf16Copy, torch.Tensor, torch.Tensor]]] = {}
         for copy in pending:
-            state = optimizer.state[copy.master]
-            if not state:  # as the fused AdamW makes a parameter's state
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(copy.master, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(copy.master, memory_format=torch.preserve_format)
-            avg, sq = state["exp_avg"], state["exp_avg_sq"]
-            if not (avg.is_contiguous() and sq.is_contiguous() and avg.dtype == sq.dtype == torch.float32):
-                raise EngineError(f"{SETTING}: a linear parameter's AdamW moments are not contiguous float32 tensors")
-            state["step"] += 1
-            batches.setdefault((group_of[id(copy.master)], float(state["step"])), []).append(copy)
-        for (index, step), copies in batches.items():
-            group = optimizer.param_groups[index]
-            beta1, beta2 = group["betas"]
-            hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
-            moments = [(optimizer.state[c.master]["exp_avg"], optimizer.state[c.master]["exp_avg_sq"]) for c in copies]
-            adamw_bf16(
-                self.library,
-                [c.master for c in copies],
-                [c.tensor for c in copies],
-                [c.tensor.grad for c in copies],
-                [m for m, _ in moments],
-                [v for _, v in moments],
-                *hyper,
-                step,
-                scale,
-            )
+            step, avg, sq = next_step(optimizer, copy.master, SETTING)
+            batches.setdefault((group_of[id(copy.master)], step), []).append((copy, avg, sq))
+        for (index, step), entries in batches.items():
+            copies, avgs, sqs = zip(*entries, strict=True)
+            masters, tensors = [c.master for c in copies], [c.tensor for c in copies]
+            grads = [t.grad for t in tensors]
+            hyper = hyper_parameters(optimizer.param_groups[index])
+            adamw_bf16(self.library, masters, tensors, grads, list(avgs), list(sqs), hyper, step, scale)
         for copy in pending:
             copy.tensor.grad = None
 
@@ -290,17 +274,14 @@ def adamw_bf16(
     grads: list[torch.Tensor],
     avgs: list[torch.Tensor],
     sqs: list[torch.Tensor],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    hyper: tuple[float, float, float, float, float],
     step: float,
     scale: float,
 ) -> None:
     """One step of the library on contiguous CPU tensors: float32 ``params`` and moments, their bf16
-    ``weights`` (written) and bf16 ``grads`` (``step``: the count after this step; ``scale`` <= 0: no
-    grad scale); the scalars derived as ATen's fused kernel derives them."""
+    ``weights`` (written) and bf16 ``grads``; ``hyper``: lr, beta1, beta2, eps and weight decay
+    (:func:`~engine.native_adamw.hyper_parameters`), ``step``: the count after this step, ``scale`` <= 0:
+    no grad scale. The scalars derived as ATen's fused kernel derives them."""
     for tensors, dtype in ((params, torch.float32), (weights, torch.bfloat16), (grads, torch.bfloat16)):
         for tensor, param in zip(tensors, params, strict=True):
             if tensor.dtype != dtype or tensor.shape != param.shape or not tensor.is_contiguous():
@@ -314,15 +295,7 @@ def adamw_bf16(
         len(params),
         *(p.data_ptr() for p in pointers),
         sizes.data_ptr(),
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        1 - beta1**step,
-        math.sqrt(1 - beta2**step),
-        scale,
-        torch.get_num_threads(),
+        *kernel_scalars(*hyper, step, scale),
     )
 
 
@@ -350,7 +323,7 @@ def check(library: ctypes.CDLL, path: Path) -> None:
             lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, amsgrad=False, maximize=False,
             grad_scale=torch.tensor(scale) if scale else None,
         )  # fmt: skip
-        adamw_bf16(library, mine, weights, grads, moments[2], moments[3], 1e-2, 0.9, 0.999, 1e-8, 0.1, step, scale)
+        adamw_bf16(library, mine, weights, grads, moments[2], moments[3], (1e-2, 0.9, 0.999, 1e-8, 0.1), step, scale)
     same = [
         torch.equal(a, b) for a, b in zip(theirs + moments[0] + moments[1], mine + moments[2] + moments[3], strict=True)
     ]

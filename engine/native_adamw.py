@@ -141,21 +141,11 @@ class EmbeddingRowsStep:
         grad, scale, rows = self._pending
         self._pending = None
         self.weight.grad = grad
-        group, state = self.group(), optimizer.state[self.weight]
-        if not state:  # as the fused AdamW makes a parameter's state
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(self.weight, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(self.weight, memory_format=torch.preserve_format)
-        avg, sq = state["exp_avg"], state["exp_avg_sq"]
-        if not (avg.is_contiguous() and sq.is_contiguous() and avg.dtype == sq.dtype == torch.float32):
-            raise EngineError(f"{SETTING}: the embedding's AdamW moments are not contiguous float32 tensors")
+        step, avg, sq = next_step(optimizer, self.weight, SETTING)
         if self._known != self._fingerprint(avg, sq):  # replaced or written since: which rows are active is unknown
             self.active = ((avg != 0).any(1) | (sq != 0).any(1)).to(torch.uint8)
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
         self.active_rows = adamw_rows(
-            self.library, self.weight, grad, avg, sq, self.active, rows, *hyper, float(state["step"]), scale
+            self.library, self.weight, grad, avg, sq, self.active, rows, *hyper_parameters(self.group()), step, scale
         )
         if self.active_rows < 0:
             raise EngineError(f"{SETTING}: a listed gradient row is outside the embedding's {self.weight.shape[0]}")
@@ -164,6 +154,39 @@ class EmbeddingRowsStep:
     @staticmethod
     def _fingerprint(avg: torch.Tensor, sq: torch.Tensor) -> tuple:
         return avg.data_ptr(), avg._version, sq.data_ptr(), sq._version
+
+
+def next_step(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, setting: str
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """``param``'s step count after this step and its two moments, in ``optimizer.state`` as the fused
+    AdamW makes and counts them (a library steps the parameter in its place)."""
+    state = optimizer.state[param]
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    avg, sq = state["exp_avg"], state["exp_avg_sq"]
+    if not (avg.is_contiguous() and sq.is_contiguous() and avg.dtype == sq.dtype == torch.float32):
+        raise EngineError(f"{setting}: a {tuple(param.shape)} parameter's AdamW moments are not contiguous float32")
+    state["step"] += 1
+    return float(state["step"]), avg, sq
+
+
+def hyper_parameters(group: dict) -> tuple[float, float, float, float, float]:
+    """A parameter group's lr, beta1, beta2, eps and weight decay."""
+    beta1, beta2 = group["betas"]
+    return float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"])
+
+
+def kernel_scalars(
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float, scale: float
+) -> tuple:
+    """The trailing arguments of the AdamW libraries' entry points: the hyper-parameters, the bias
+    corrections of step ``step`` (``bias_correction1``, ``sqrt(bias_correction2)``), the grad scale
+    (<= 0: none) and the thread count."""
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    return lr, beta1, beta2, eps, weight_decay, 1 - beta1**step, bias_correction2_sqrt, scale, torch.get_num_threads()
 
 
 def adamw_rows(
@@ -195,15 +218,7 @@ def adamw_rows(
         rows.numel() if rows is not None else -1,
         param.shape[0],
         param.shape[1],
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        1 - beta1**step,
-        math.sqrt(1 - beta2**step),
-        scale,
-        torch.get_num_threads(),
+        *kernel_scalars(lr, beta1, beta2, eps, weight_decay, step, scale),
     )
 
 

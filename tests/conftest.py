@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def make_cfg(tmp_path, token_cache):
 
     return _make
 
+
+# A test that builds a native library itself.
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
 # A fast tiny run: 2-layer random BERT, MRPC slices.
 TINY = (
@@ -152,6 +156,31 @@ def native_on_and_off(make_cfg, tmp_path, setting: str, logged: str, *extra: str
         runs[value] = [step["loss"] for step in steps]
         assert (logged in (out / "train.log").read_text()) == (value == "null")
     return runs
+
+
+def native_library(module):
+    """A native library module's (``SOURCE``, ``FLAGS``, ``load``) built and loaded library; the test is
+    skipped without a C compiler."""
+    import shutil
+
+    from engine import native_masks
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    return module.load(native_masks.build(source=module.SOURCE, flags=module.FLAGS))
+
+
+def assert_no_compiler_handled(monkeypatch, tmp_path, caplog, use, setting: str, instead: str) -> None:
+    """With no C compiler, ``use(True)`` (a native library's setting true) is an error naming
+    ``setting``; ``use(None)`` returns (None, None) with a warning saying what the run does ``instead``."""
+    from engine.errors import EngineError
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(EngineError, match=f"{setting}: could not run the C compiler"):
+        use(True)
+    assert use(None) == (None, None)
+    assert instead in caplog.text
 
 
 def assert_broken_build_refused(module, old: str, new: str, folder: Path, match: str) -> None:

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
 from torch import nn
 
-from engine import bf16_weights, native_masks
+from engine import bf16_weights
 from engine.clip_in_step import StepScaleClipper
 from engine.errors import EngineError
-from tests.conftest import assert_broken_build_refused, native_on_and_off
-
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+from tests.conftest import (
+    assert_broken_build_refused,
+    assert_no_compiler_handled,
+    native_library,
+    native_on_and_off,
+    needs_cc,
+)
 
 
 @pytest.fixture(scope="module")
 def library():
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
-    return bf16_weights.load(native_masks.build(source=bf16_weights.SOURCE, flags=bf16_weights.FLAGS))
+    return native_library(bf16_weights)
 
 
 def model() -> nn.Module:
@@ -183,12 +184,14 @@ def test_defaults_and_errors(monkeypatch, tmp_path, caplog):
     with pytest.raises(EngineError, match="no trainable float32 nn.Linear"):
         bf16_weights.enable_bf16_weights(fused, nn.Embedding(3, 16), None, required=True)
     assert bf16_weights.enable_bf16_weights(fused, nn.Embedding(3, 16), None) is None
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    with pytest.raises(EngineError, match="trainer.bf16_weights: could not run the C compiler"):
-        bf16_weights.use_bf16_weights(True, *ok)
-    assert bf16_weights.use_bf16_weights(None, *ok) == (None, None)
-    assert "the linears cast under autocast" in caplog.text
+    assert_no_compiler_handled(
+        monkeypatch,
+        tmp_path,
+        caplog,
+        lambda setting: bf16_weights.use_bf16_weights(setting, *ok),
+        "trainer.bf16_weights",
+        "the linears cast under autocast",
+    )
 
 
 def test_a_library_that_steps_differently_refuses_to_load(tmp_path):

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
 from torch import nn
 
-from engine import native_adamw, native_masks
+from engine import native_adamw
 from engine.errors import EngineError
-from tests.conftest import assert_broken_build_refused, native_on_and_off
-
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+from tests.conftest import (
+    assert_broken_build_refused,
+    assert_no_compiler_handled,
+    native_library,
+    native_on_and_off,
+    needs_cc,
+)
 
 
 @pytest.fixture(scope="module")
 def library():
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
-    return native_adamw.load(native_masks.build(source=native_adamw.SOURCE, flags=native_adamw.FLAGS))
+    return native_library(native_adamw)
 
 
 def pair(rows: int, cols: int, library, **adamw):
@@ -133,12 +134,14 @@ def test_defaults_and_errors(monkeypatch, tmp_path, caplog):
     with pytest.raises(EngineError, match="no trainable input nn.Embedding"):
         native_adamw.enable_embedding_adamw(fused, nn.Linear(2, 2), None, required=True)
     assert native_adamw.enable_embedding_adamw(fused, nn.Linear(2, 2), None) is None
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    with pytest.raises(EngineError, match="trainer.native_embedding_adamw: could not run the C compiler"):
-        native_adamw.use_native_embedding_adamw(True, fused, "cpu", False)
-    assert native_adamw.use_native_embedding_adamw(None, fused, "cpu", False) == (None, None)
-    assert "the embedding takes the fused step" in caplog.text
+    assert_no_compiler_handled(
+        monkeypatch,
+        tmp_path,
+        caplog,
+        lambda setting: native_adamw.use_native_embedding_adamw(setting, fused, "cpu", False),
+        "trainer.native_embedding_adamw",
+        "the embedding takes the fused step",
+    )
 
 
 @needs_cc

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -13,9 +11,7 @@ from transformers.activations import GELUActivation
 from engine import native_gelu
 from engine.errors import EngineError
 from engine.fused_inference import _is_exact_gelu
-from tests.conftest import assert_broken_build_refused, native_on_and_off
-
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+from tests.conftest import assert_broken_build_refused, native_on_and_off, needs_cc
 
 
 @pytest.fixture

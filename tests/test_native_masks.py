@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -12,9 +10,7 @@ from engine import native_masks
 from engine.errors import EngineError
 from engine.fast_dropout import fast_dropout, keep_mask, keep_multiplier
 from engine.loop import train
-from tests.conftest import TINY, native_on_and_off
-
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+from tests.conftest import TINY, native_on_and_off, needs_cc
 
 
 def reference_lanes(count: int, key: int) -> np.ndarray:

@@ -14,9 +14,8 @@ from engine import native_masks, native_softmax
 from engine.attention import folded_products
 from engine.errors import EngineError
 from engine.fast_dropout import _ApplyMask, keep_multiplier
-from tests.conftest import native_on_and_off
+from tests.conftest import native_on_and_off, needs_cc
 
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 LENGTHS = [1, 7, 16, 17, 56, 100, 257]  # within one 16-lane vector, at and across its edges, long rows
 PATHS = [False, True]  # the AVX-512 path (where the CPU has it), the plain-C one
 
