@@ -48,7 +48,7 @@ from torch import nn
 from engine import native_masks
 from engine.errors import EngineError
 from engine.first_token import mixed_class
-from engine.native_adamw import hyper_parameters, kernel_scalars, next_step
+from engine.native_adamw import fused_state, hyper_parameters, kernel_scalars
 
 SOURCE = Path(__file__).with_name("native") / "adamw_bf16.c"
 FLAGS = ("-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-lm")
@@ -252,17 +252,20 @@ class Bf16Weights:
         pending, scale = self._pending
         self._pending = None
         group_of = {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        states = [fused_state(optimizer, copy.master, SETTING) for copy in pending]
+        counts = [state["step"] for state in states]
+        if counts:  # counted as the fused AdamW counts them: one foreach add, one read
+            torch._foreach_add_(counts, 1)
+            counts = torch.stack(counts).tolist()
         # One library call per parameter group and step count (in a run: one per group).
-        batches: dict[tuple[int, float], list[tuple[Bf16Copy, torch.Tensor, torch.Tensor]]] = {}
-        for copy in pending:
-            step, avg, sq = next_step(optimizer, copy.master, SETTING)
-            batches.setdefault((group_of[id(copy.master)], step), []).append((copy, avg, sq))
+        batches: dict[tuple[int, float], list[tuple[Bf16Copy, dict]]] = {}
+        for copy, state, step in zip(pending, states, counts, strict=True):
+            batches.setdefault((group_of[id(copy.master)], step), []).append((copy, state))
         for (index, step), entries in batches.items():
-            copies, avgs, sqs = zip(*entries, strict=True)
-            masters, tensors = [c.master for c in copies], [c.tensor for c in copies]
-            grads = [t.grad for t in tensors]
+            masters, tensors = [c.master for c, _ in entries], [c.tensor for c, _ in entries]
+            avgs, sqs = [s["exp_avg"] for _, s in entries], [s["exp_avg_sq"] for _, s in entries]
             hyper = hyper_parameters(optimizer.param_groups[index])
-            adamw_bf16(self.library, masters, tensors, grads, list(avgs), list(sqs), hyper, step, scale)
+            adamw_bf16(self.library, masters, tensors, [t.grad for t in tensors], avgs, sqs, hyper, step, scale)
         for copy in pending:
             copy.tensor.grad = None
 

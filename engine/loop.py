@@ -552,6 +552,7 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
         mininterval=0.5 if sys.stderr.isatty() else 30.0,
     )
     model.train()
+    parameters = list(model.parameters())  # walking the modules for them costs ~0.5 ms a step
     with resume.StopSignal() as stop:
         while progress.epoch < t.epochs and progress.global_step < total_steps:
             epoch = progress.epoch
@@ -562,7 +563,7 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
                 progress.batches_in_epoch += len(micro_batches)
                 micro_batches = [backend.to_device(b) for b in micro_batches]
                 step_loss = forward_backward(model, classifier, backend, micro_batches)
-                grad_norm = backend.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+                grad_norm = backend.clip_grad_norm_(parameters, t.max_grad_norm or float("inf"))
                 # One decision on every rank: the gradients are all-reduced, the losses are not.
                 finite = bool(torch.isfinite(step_loss)) and (
                     bool(torch.isfinite(grad_norm)) or backend.mixed_precision == MixedPrecision.fp16

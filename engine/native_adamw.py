@@ -156,11 +156,9 @@ class EmbeddingRowsStep:
         return avg.data_ptr(), avg._version, sq.data_ptr(), sq._version
 
 
-def next_step(
-    optimizer: torch.optim.Optimizer, param: torch.Tensor, setting: str
-) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """``param``'s step count after this step and its two moments, in ``optimizer.state`` as the fused
-    AdamW makes and counts them (a library steps the parameter in its place)."""
+def fused_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, setting: str) -> dict:
+    """``param``'s entry in ``optimizer.state`` as the fused AdamW makes it (a library steps the
+    parameter in its place): a float32 step count and two contiguous float32 moments."""
     state = optimizer.state[param]
     if not state:
         state["step"] = torch.zeros((), dtype=torch.float32)
@@ -169,8 +167,16 @@ def next_step(
     avg, sq = state["exp_avg"], state["exp_avg_sq"]
     if not (avg.is_contiguous() and sq.is_contiguous() and avg.dtype == sq.dtype == torch.float32):
         raise EngineError(f"{setting}: a {tuple(param.shape)} parameter's AdamW moments are not contiguous float32")
+    return state
+
+
+def next_step(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, setting: str
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """``param``'s step count after this step (counted as the fused AdamW counts it) and its two moments."""
+    state = fused_state(optimizer, param, setting)
     state["step"] += 1
-    return float(state["step"]), avg, sq
+    return float(state["step"]), state["exp_avg"], state["exp_avg_sq"]
 
 
 def hyper_parameters(group: dict) -> tuple[float, float, float, float, float]:
