@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -171,12 +172,16 @@ def enable_bf16_weights(
     """Give ``hf_model``'s linear layers bf16 copies of their weights and biases, stepped by ``library``
     from ``optimizer``'s hooks (None where no linear parameter qualifies: an error when ``required``)."""
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    # A parameter shared by several modules (tied weights) stays float32: its gradients from each use
+    # are added in float32 there, and would be added in bf16 on a copy.
+    uses = Counter(id(p) for _, p in hf_model.named_parameters(remove_duplicate=False))
     copies: list[Bf16Copy] = []
     for module in hf_model.modules():
         if not isinstance(module, nn.Linear):
             continue
         weight, bias = (
-            Bf16Copy(p) if takes(p) and id(p) in in_optimizer else None for p in (module.weight, module.bias)
+            Bf16Copy(p) if takes(p) and id(p) in in_optimizer and uses[id(p)] == 1 else None
+            for p in (module.weight, module.bias)
         )
         if weight is None and bias is None:
             continue

@@ -89,6 +89,17 @@ def test_the_steps_are_autocasts_float32_weights_under_the_fused_adamw_bit_for_b
     assert all(c.tensor.grad is None for c in copies.copies)
 
 
+def test_a_tied_weight_stays_on_autocasts_cast(library):
+    """A weight two modules share gets its gradients added in float32, so it gets no bf16 copy."""
+    net = model()
+    net.append(nn.Linear(32, 48))
+    net[3].weight = net[0].weight  # tied
+    optimizer = adamw(net)
+    copies = bf16_weights.enable_bf16_weights(optimizer, net, library, required=True)
+    assert all(c.master is not net[0].weight for c in copies.copies)
+    assert {id(c.master) for c in copies.copies} == {id(net[0].bias), id(net[2].weight), id(net[3].bias)}
+
+
 def test_the_clippers_norm_counts_the_copies_gradients(library):
     made, copies = pair(library)
     (reference, _), (ours, our_opt) = made
