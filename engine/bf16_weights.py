@@ -226,7 +226,9 @@ class Bf16Weights:
             return None
         for grad in grads:
             if grad.dtype != torch.bfloat16 or not grad.is_contiguous():
-                raise EngineError(f"{SETTING}: a {grad.dtype} gradient on a bf16 copy")
+                raise EngineError(
+                    f"{SETTING}: a bf16 copy has a {grad.dtype} gradient that is not a contiguous bf16 one"
+                )
         return torch.tensor(bf16_norm(self.library, grads, torch.get_num_threads()), dtype=torch.float32)
 
     def drop_gradients(self) -> None:

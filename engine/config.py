@@ -194,9 +194,9 @@ class TrainerConfig:
     native_embedding_adamw: bool | None = None
     # The linear layers train on bf16 copies of their weights and biases (no autocast casts forward
     # or back), stepped from the bf16 gradients into float32 masters by engine/native/adamw_bf16.c;
-    # the same weights, losses and checkpoint bit for bit. null: on for CPU bf16 training on the
-    # manual backend with a fused AdamW, clip_in_step and one micro-batch a step, where it builds;
-    # true where it cannot apply is an error.
+    # the same weights bit for bit for a given clip factor (their clipping norm is summed in double).
+    # null: on for CPU bf16 training on the manual backend with a fused AdamW, clip_in_step and one
+    # micro-batch a step, where it builds; true where it cannot apply is an error.
     bf16_weights: bool | None = None
 
 
