@@ -277,6 +277,16 @@ class Bf16Weights:
             copy.tensor.grad = None
 
 
+def pointer_list(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' data pointers as an int64 array, for the library's pointer-list arguments."""
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+
+def size_list(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' element counts as an int64 array."""
+    return torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+
+
 def adamw_bf16(
     library: ctypes.CDLL,
     params: list[torch.Tensor],
@@ -297,10 +307,8 @@ def adamw_bf16(
             if tensor.dtype != dtype or tensor.shape != param.shape or not tensor.is_contiguous():
                 raise EngineError(f"{SETTING}: a {tuple(tensor.shape)} {tensor.dtype} tensor where the step "
                                   f"needs a contiguous {dtype} one of {tuple(param.shape)}")  # fmt: skip
-    pointers = [
-        torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (params, weights, grads, avgs, sqs)
-    ]
-    sizes = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+    pointers = [pointer_list(ts) for ts in (params, weights, grads, avgs, sqs)]
+    sizes = size_list(params)
     library.engine_adamw_bf16(
         len(params),
         *(p.data_ptr() for p in pointers),
@@ -311,8 +319,7 @@ def adamw_bf16(
 
 def bf16_norm(library: ctypes.CDLL, grads: list[torch.Tensor], threads: int) -> float:
     """The 2-norm of contiguous bf16 CPU tensors together, their squares summed in double."""
-    pointers = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
-    sizes = torch.tensor([g.numel() for g in grads], dtype=torch.int64)
+    pointers, sizes = pointer_list(grads), size_list(grads)
     return library.engine_bf16_norm(len(grads), pointers.data_ptr(), sizes.data_ptr(), threads)
 
 

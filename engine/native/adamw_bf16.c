@@ -20,6 +20,24 @@
 #include "clones.h"
 #include "team.h"
 
+/* The elements of a list of `count` tensors of sizes[i] elements, as one index space. */
+static int64_t list_total(int64_t count, const int64_t *sizes) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < count; i++) total += sizes[i];
+    return total;
+}
+
+/* For each tensor i that the list's range [begin, end) overlaps: BODY with its local [lo, hi). */
+#define FOR_EACH_SLICE(count, sizes, begin, end, BODY)                                        \
+    do {                                                                                     \
+        int64_t first = 0; /* the list's index of tensor i's first element */                \
+        for (int64_t i = 0; i < (count) && first < (end); first += (sizes)[i], i++) {        \
+            const int64_t lo = (begin) > first ? (begin) - first : 0;                        \
+            const int64_t hi = (end) < first + (sizes)[i] ? (end) - first : (sizes)[i];      \
+            if (lo < hi) BODY;                                                               \
+        }                                                                                    \
+    } while (0)
+
 #define GRAD_AT(j) g[j]
 #define NOTHING(j, value)
 #define BLOCK 2048 /* elements a pass: the block's float32 gradients and new weights stay in L1 */
@@ -50,20 +68,14 @@ void engine_adamw_bf16(int64_t count, float *const *params, uint16_t *const *wei
                        double bias_correction2_sqrt, double grad_scale, int threads) {
     const adamw_scalars s = adamw_scalars_of(lr, beta1, beta2, eps, weight_decay, bias_correction1,
                                              bias_correction2_sqrt, grad_scale);
-    int64_t total = 0;
-    for (int64_t i = 0; i < count; i++) total += sizes[i];
+    const int64_t total = list_total(count, sizes);
 #pragma omp parallel num_threads(team_size(threads, total, 16384))
     {
         int64_t begin, end;
         team_share(total, &begin, &end);
-        int64_t first = 0; /* the list's index of tensor i's first element */
-        for (int64_t i = 0; i < count && first < end; first += sizes[i], i++) {
-            const int64_t lo = begin > first ? begin - first : 0;
-            const int64_t hi = end < first + sizes[i] ? end - first : sizes[i];
-            if (lo < hi)
-                step_slice(&s, hi - lo, params[i] + lo, weights[i] + lo, grads[i] + lo, exp_avgs[i] + lo,
-                           exp_avg_sqs[i] + lo);
-        }
+        FOR_EACH_SLICE(count, sizes, begin, end,
+                       step_slice(&s, hi - lo, params[i] + lo, weights[i] + lo, grads[i] + lo, exp_avgs[i] + lo,
+                                  exp_avg_sqs[i] + lo));
     }
 }
 
@@ -96,8 +108,7 @@ static double sum_squares(const uint16_t *restrict g, int64_t size) {
 double engine_bf16_norm(int64_t count, const uint16_t *const *grads, const int64_t *sizes, int threads) {
     enum { MAX_TEAM = 256 };
     double partial[MAX_TEAM] = {0};
-    int64_t total = 0;
-    for (int64_t i = 0; i < count; i++) total += sizes[i];
+    const int64_t total = list_total(count, sizes);
     int team = team_size(threads, total, 16384);
     if (team > MAX_TEAM) team = MAX_TEAM;
 #pragma omp parallel num_threads(team)
@@ -105,12 +116,7 @@ double engine_bf16_norm(int64_t count, const uint16_t *const *grads, const int64
         int64_t begin, end;
         team_share(total, &begin, &end);
         double sum = 0.0;
-        int64_t first = 0;
-        for (int64_t i = 0; i < count && first < end; first += sizes[i], i++) {
-            const int64_t lo = begin > first ? begin - first : 0;
-            const int64_t hi = end < first + sizes[i] ? end - first : sizes[i];
-            if (lo < hi) sum += sum_squares(grads[i] + lo, hi - lo);
-        }
+        FOR_EACH_SLICE(count, sizes, begin, end, sum += sum_squares(grads[i] + lo, hi - lo));
 #ifdef _OPENMP
         partial[omp_get_thread_num()] = sum;
 #else
