@@ -68,6 +68,27 @@ def test_masks_are_the_reference_lanes_against_the_threshold(native, dtype, p, n
 
 @needs_cc
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_mask_split_over_threads_is_the_one_threads_mask(native, dtype):
+    """A mask large enough for two threads (each takes a run of whole 256-lane chunks; the last run
+    ends in a partial chunk) is the one-thread mask, lane for lane the reference."""
+    numel = 2 * 256 * 256 + 1003
+    threads = torch.get_num_threads()
+    try:
+        masks = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            torch.manual_seed(4)
+            masks.append(keep_multiplier((numel,), 0.1, dtype))
+    finally:
+        torch.set_num_threads(threads)
+    torch.manual_seed(4)
+    key = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) % 2**64
+    expected = torch.from_numpy(reference_lanes(numel, key) >= round(0.1 * 65536)).to(dtype)
+    assert all(torch.equal(mask, expected) for mask in masks)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("index", [2, 3, 4 * 64 * 2 + 4, 4 * 64 * 2 + 5])  # low / high half; full chunk / tail
 def test_a_lane_equal_to_the_threshold_is_kept(native, dtype, index):
     """The threshold set to the value of one lane of the stream (a random p would meet that value

@@ -7,13 +7,16 @@
  * of block b. Element i of a mask is kept when lane i >= dropped, where
  * dropped = round(p * 65536): exactly that many of the 65536 lane values are dropped.
  *
- * Plain C with no dependency: WIDTH blocks are computed side by side so that the rounds (32-bit
- * adds, rotations and xors) vectorise; target_clones picks AVX-512, AVX2 or generic code when the
- * library loads. The engine compiles this file with the system C compiler on first use.
+ * Plain C: WIDTH blocks are computed side by side so that the rounds (32-bit adds, rotations and
+ * xors) vectorise; target_clones picks AVX-512, AVX2 or generic code when the library loads. A mask
+ * is cut into runs of whole chunks, one per thread of an OpenMP team (team.h): the lanes depend on
+ * the element's index only, so the mask is the same for any number of threads. The engine compiles
+ * this file with the system C compiler on first use.
  */
 #include <stdint.h>
 
 #include "clones.h"
+#include "team.h"
 
 #define WIDTH 64
 
@@ -52,14 +55,15 @@ static void threefry_blocks(uint32_t *words, uint64_t first, int count, uint32_t
     }
 }
 
-/* out[i] = one where lane i >= dropped, else 0: a chunk of WIDTH blocks (4 * WIDTH lanes) at a time,
-   so the lanes never leave the cache. T: uint16_t for bf16 / fp16 bit patterns, uint32_t for fp32. */
+/* out[i] = one where lane offset + i >= dropped, else 0 (offset: a multiple of 4): a chunk of WIDTH
+   blocks (4 * WIDTH lanes) at a time, so the lanes never leave the cache. T: uint16_t for bf16 / fp16 bit patterns, uint32_t for fp32. */
 #define KEEP_MASK(name, T)                                                                         \
-    CLONES static void name(T *out, int64_t n, uint32_t k0, uint32_t k1, uint32_t dropped, T one) { \
+    CLONES static void name(T *out, int64_t n, int64_t offset, uint32_t k0, uint32_t k1, uint32_t dropped, \
+                            T one) {                                                                   \
         uint32_t words[2 * WIDTH];                                                                 \
         for (int64_t start = 0; start < n; start += 4 * WIDTH) {                                    \
             int64_t count = n - start < 4 * WIDTH ? n - start : 4 * WIDTH;                           \
-            threefry_blocks(words, (uint64_t)start / 4, WIDTH, k0, k1);                            \
+            threefry_blocks(words, (uint64_t)(offset + start) / 4, WIDTH, k0, k1);                 \
             T *o = out + start;                                                                    \
             if (count == 4 * WIDTH) {                                                              \
                 for (int w = 0; w < 2 * WIDTH; w++) {                                              \
@@ -75,12 +79,24 @@ static void threefry_blocks(uint32_t *words, uint64_t first, int count, uint32_t
 KEEP_MASK(keep16, uint16_t)
 KEEP_MASK(keep32, uint32_t)
 
-/* The keep mask of n elements under key: bits 16 writes uint16 patterns, 32 writes uint32 ones. */
-void engine_keep_mask(void *out, int64_t n, uint64_t key, uint32_t dropped, uint32_t one, int bits) {
-    if (bits == 16)
-        keep16((uint16_t *)out, n, (uint32_t)key, (uint32_t)(key >> 32), dropped, (uint16_t)one);
-    else
-        keep32((uint32_t *)out, n, (uint32_t)key, (uint32_t)(key >> 32), dropped, one);
+/* The keep mask of n elements under key on up to `threads` threads: bits 16 writes uint16
+   patterns, 32 writes uint32 ones. Each thread takes a run of whole chunks (4 * WIDTH lanes), so
+   every chunk starts at a block boundary as in one thread. */
+void engine_keep_mask(void *out, int64_t n, uint64_t key, uint32_t dropped, uint32_t one, int bits, int threads) {
+    const int64_t chunk = 4 * WIDTH, chunks = (n + chunk - 1) / chunk;
+    const uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+#pragma omp parallel num_threads(team_size(threads, chunks, 256))
+    {
+        int64_t begin, end;
+        team_share(chunks, &begin, &end);
+        int64_t first = begin * chunk, last = end * chunk < n ? end * chunk : n;
+        if (first < last) {
+            if (bits == 16)
+                keep16((uint16_t *)out + first, last - first, first, k0, k1, dropped, (uint16_t)one);
+            else
+                keep32((uint32_t *)out + first, last - first, first, k0, k1, dropped, one);
+        }
+    }
 }
 
 /* count blocks of the stream under (k0, k1) from block first: for known-answer tests. */

@@ -1,6 +1,6 @@
 /* Work split over an OpenMP team: in a torch process the team is torch's own warm intra-op pool (the
- * libraries link libgomp, which resolves to torch's by the same soname). Included by softmax.c,
- * gelu.c and adamw_rows.c; engine/native_masks.py hashes this header with each source. */
+ * libraries link libgomp, which resolves to torch's by the same soname). Included by the
+ * libraries' sources; engine/native_masks.py hashes this header with each source. */
 #ifndef ENGINE_TEAM_H
 #define ENGINE_TEAM_H
 
