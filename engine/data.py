@@ -619,14 +619,159 @@ def format_preflight(report: dict[str, Any]) -> str:
 DEFAULT_PAD_MULTIPLE = 8
 
 
-def make_collator(tokenizer: Any, data: DataConfig, pad_to_multiple_of: int | None = None):
+def make_collator(tokenizer: Any, data: DataConfig, pad_to_multiple_of: int | None = None) -> PadCollator:
     """Dynamic padding to the longest row of each batch, rounded up to ``pad_to_multiple_of``
     (default ``data.pad_to_multiple_of``, :data:`DEFAULT_PAD_MULTIPLE` when that is null; a
     compiled model passes its bucket size)."""
-    from transformers import DataCollatorWithPadding
-
     multiple = pad_to_multiple_of or data.pad_to_multiple_of or DEFAULT_PAD_MULTIPLE
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, return_tensors="pt")
+    return PadCollator(tokenizer, multiple)
+
+
+# Padded with these (None: the tokenizer's) by DataCollatorWithPadding, i.e. by ``tokenizer.pad``.
+PADDED = {"input_ids": None, "attention_mask": 0, "token_type_ids": None, "special_tokens_mask": 1}
+
+
+class PadCollator:
+    """``DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, return_tensors="pt")``,
+    with a fast path for :class:`TokenColumns` rows.
+
+    The loaders fetch a batch's rows from :class:`TokenColumns` as one :class:`Rows`; they are
+    padded here from the flat columns with NumPy into the same tensors (same keys, dtypes and
+    values) that the transformers collator builds from a list of per-row dicts: ~0.1 ms for a
+    batch of 16 MRPC rows, where fetching the rows from the ``datasets`` table and padding them
+    with ``tokenizer.pad`` took ~1 ms of each training step. Anything else (a list of dicts) goes
+    to the transformers collator itself.
+    """
+
+    def __init__(self, tokenizer: Any, multiple: int) -> None:
+        from transformers import DataCollatorWithPadding
+
+        self.multiple = multiple
+        self.collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, return_tensors="pt")
+        self.pad_values = {
+            "input_ids": tokenizer.pad_token_id,
+            "attention_mask": 0,
+            "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0),
+            "special_tokens_mask": 1,
+        }
+        self.left = tokenizer.padding_side == "left"
+
+    @property
+    def fast(self) -> bool:
+        """Whether :class:`Rows` can be padded here (a tokenizer without a pad token: only through
+        the transformers collator, which says so)."""
+        return self.pad_values["input_ids"] is not None
+
+    def __call__(self, features: Any) -> dict[str, torch.Tensor]:
+        if isinstance(features, Rows):
+            return features.padded(self)
+        return dict(self.collator(features))
+
+
+class Rows:
+    """Rows ``indices`` of a :class:`TokenColumns`: what its ``__getitems__`` hands the collator."""
+
+    def __init__(self, columns: TokenColumns, indices: Sequence[int]) -> None:
+        self.columns = columns
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def padded(self, collator: PadCollator) -> dict[str, torch.Tensor]:
+        if not collator.fast:
+            return collator([self.columns[int(i)] for i in self.indices])
+        batch: dict[str, torch.Tensor] = {}
+        lengths = self.columns.lengths[self.indices]
+        width = int(lengths.max()) if len(lengths) else 0
+        width = -(-width // collator.multiple) * collator.multiple
+        for name, column in self.columns.columns.items():
+            if name in PADDED:
+                values, offsets = column
+                out = np.full((len(self.indices), width), collator.pad_values[name], dtype=np.int64)
+                for row, (start, end) in enumerate(zip(offsets[self.indices], offsets[self.indices + 1], strict=True)):
+                    if collator.left:
+                        out[row, width - (end - start) :] = values[start:end]
+                    else:
+                        out[row, : end - start] = values[start:end]
+                batch[name] = torch.from_numpy(out)
+            else:
+                batch[name] = torch.from_numpy(column[self.indices])
+        return batch
+
+
+class TokenColumns(torch.utils.data.Dataset):
+    """A tokenized ``datasets.Dataset`` held as flat NumPy columns (each list column: its values
+    and row offsets), for :class:`PadCollator`'s fast path. Indexing gives a row as the data set
+    does (a dict of lists and scalars); ``__getitems__`` gives a batch's :class:`Rows`.
+
+    Token columns are the ones ``tokenizer.pad`` pads (:data:`PADDED`); any other column must be a
+    number or a fixed-width list per row (labels, multi-hot labels), stored as the dtype that
+    ``torch.tensor`` gives its Python values (int64, float32, bool).
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        import pyarrow as pa
+
+        table = dataset.with_format("arrow")[:]
+        self.size = table.num_rows
+        ids = table.schema.field("input_ids").type if "input_ids" in table.column_names else None
+        if ids is None or not (pa.types.is_list(ids) or pa.types.is_large_list(ids)):
+            raise DataError(f"a tokenized data set has token lists in 'input_ids'; its columns: {table.schema}")
+        self.columns: dict[str, Any] = {}
+        for name in table.column_names:
+            array = table.column(name).combine_chunks()
+            listed = pa.types.is_list(array.type) or pa.types.is_large_list(array.type)
+            if name in PADDED and listed:
+                offsets = array.offsets.to_numpy().astype(np.int64)
+                self.columns[name] = (array.values.to_numpy(zero_copy_only=False), offsets)
+            else:
+                if listed:
+                    widths = np.unique(np.diff(array.offsets.to_numpy()))
+                    if len(widths) > 1:
+                        raise DataError(f"column {name!r}: rows of different lengths, which a batch cannot stack")
+                    width = int(widths[0]) if len(widths) else 0
+                    values = array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), width)
+                else:
+                    values = array.to_numpy(zero_copy_only=False)
+                if values.dtype.kind not in _TORCH_DTYPE:
+                    raise DataError(f"column {name!r}: {values.dtype} values, which a batch cannot stack into a tensor")
+                self.columns[name] = values.astype(_TORCH_DTYPE.get(values.dtype.kind, values.dtype))
+        self.lengths = np.diff(self.columns["input_ids"][1])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        for name, column in self.columns.items():
+            if isinstance(column, tuple):
+                values, offsets = column
+                row[name] = values[offsets[index] : offsets[index + 1]].tolist()
+            else:
+                row[name] = column[index].tolist()
+        return row
+
+    def __getitems__(self, indices: Sequence[int]) -> Rows:
+        return Rows(self, indices)
+
+
+# numpy kind -> the dtype torch.tensor gives Python values of that kind
+_TORCH_DTYPE = {"i": np.int64, "u": np.int64, "f": np.float32, "b": np.bool_}
+
+
+def token_rows(dataset: Any, collator: Any) -> Any:
+    """``dataset`` as :class:`TokenColumns` where ``collator`` pads those (a :class:`PadCollator`
+    and a ``datasets.Dataset``); otherwise ``dataset`` itself."""
+    import datasets
+
+    if isinstance(collator, PadCollator) and collator.fast and isinstance(dataset, datasets.Dataset):
+        return TokenColumns(dataset)
+    return dataset
+
+
+def token_lengths(dataset: Any) -> Sequence[int]:
+    """Each row's token count."""
+    if isinstance(dataset, TokenColumns):
+        return dataset.lengths.tolist()
+    return [len(ids) for ids in dataset["input_ids"]]
 
 
 def train_loader(
@@ -636,8 +781,9 @@ def train_loader(
 
     ``group_by_length`` batches similar lengths together (less padding, same randomness across epochs).
     """
+    dataset = token_rows(dataset, collator)
     if group_by_length:
-        batches: Any = LengthGroupedBatchSampler([len(ids) for ids in dataset["input_ids"]], batch_size, seed)
+        batches: Any = LengthGroupedBatchSampler(token_lengths(dataset), batch_size, seed)
         shuffler = batches
     else:
         shuffler = EpochShuffleSampler(len(dataset), seed)
@@ -656,8 +802,9 @@ def train_loader(
 def eval_loader(dataset: Any, batch_size: int, collator: Any, num_workers: int = 0, sort_by_length: bool = True):
     """Evaluation batches, longest rows first when ``sort_by_length`` (see :func:`row_order`)."""
     sampler: Sampler[int]
+    dataset = token_rows(dataset, collator)
     if sort_by_length:
-        sampler = LengthSortedSampler([len(ids) for ids in dataset["input_ids"]])
+        sampler = LengthSortedSampler(token_lengths(dataset))
     else:
         sampler = SequentialSampler(range(len(dataset)))
     return DataLoader(
