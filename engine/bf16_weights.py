@@ -204,6 +204,7 @@ class Bf16Weights:
         self.optimizer, self.copies, self.library = optimizer, copies, library
         self._pending: tuple[list[Bf16Copy], float] | None = None
         self._stale: list[Bf16Copy] = []
+        self._cached: tuple[tuple, list[_Call]] | None = None  # see _calls
         optimizer.register_step_pre_hook(self._set_aside)
         optimizer.register_step_post_hook(self._step)
         zero_grad = optimizer.zero_grad
@@ -258,23 +259,77 @@ class Bf16Weights:
             return
         pending, scale = self._pending
         self._pending = None
-        group_of = {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        states = [fused_state(optimizer, copy.master, SETTING) for copy in pending]
-        counts = [state["step"] for state in states]
-        if counts:  # counted as the fused AdamW counts them: one foreach add, one read
-            torch._foreach_add_(counts, 1)
-            counts = torch.stack(counts).tolist()
-        # One library call per parameter group and step count (in a run: one per group).
-        batches: dict[tuple[int, float], list[tuple[Bf16Copy, dict]]] = {}
-        for copy, state, step in zip(pending, states, counts, strict=True):
-            batches.setdefault((group_of[id(copy.master)], step), []).append((copy, state))
-        for (index, step), entries in batches.items():
-            masters, tensors = [c.master for c, _ in entries], [c.tensor for c, _ in entries]
-            avgs, sqs = [s["exp_avg"] for _, s in entries], [s["exp_avg_sq"] for _, s in entries]
-            hyper = hyper_parameters(optimizer.param_groups[index])
-            adamw_bf16(self.library, masters, tensors, [t.grad for t in tensors], avgs, sqs, hyper, step, scale)
+        for call in self._calls(optimizer, pending):
+            call.run(self.library, optimizer, scale)
         for copy in pending:
             copy.tensor.grad = None
+
+    def _calls(self, optimizer: torch.optim.Optimizer, pending: list[Bf16Copy]) -> list[_Call]:
+        """The library calls that step ``pending``: one per parameter group, made (checked, their
+        pointer arrays built) once and kept while the same copies are pending under the same optimizer
+        state and groups (``load_state_dict`` makes a new state: the calls are made again)."""
+        copies, groups = tuple(map(id, pending)), tuple(map(id, optimizer.param_groups))
+        if self._cached is not None:
+            (cached_copies, cached_state, cached_groups), calls = self._cached
+            if cached_copies == copies and cached_state is optimizer.state and cached_groups == groups:
+                return calls
+        group_of = {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        by_group: dict[int, list[Bf16Copy]] = {}
+        for copy in pending:
+            by_group.setdefault(group_of[id(copy.master)], []).append(copy)
+        calls = [_Call(optimizer, index, copies) for index, copies in by_group.items()]
+        self._cached = ((copies, optimizer.state, groups), calls)
+        return calls
+
+
+class _Call:
+    """One library call: a parameter group's pending copies with their masters and moments (tensors
+    that stay put from step to step), checked and their pointer arrays made once."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group: int, copies: list[Bf16Copy]) -> None:
+        self.group, self.copies = group, copies
+        self.states = [fused_state(optimizer, copy.master, SETTING) for copy in copies]
+        masters, tensors = [c.master for c in copies], [c.tensor for c in copies]
+        avgs, sqs = [s["exp_avg"] for s in self.states], [s["exp_avg_sq"] for s in self.states]
+        check_tensors(masters, (tensors, torch.bfloat16), (avgs, torch.float32), (sqs, torch.float32))
+        self.tensors = (masters, tensors, avgs, sqs)
+        self.pointers = [pointer_list(ts) for ts in self.tensors]
+        self.sizes = size_list(masters)
+
+    def run(self, library: ctypes.CDLL, optimizer: torch.optim.Optimizer, scale: float) -> None:
+        """Count the step as the fused AdamW counts it (one foreach add, one read) and step the masters
+        from the copies' gradients: in one library call where all counts agree, else one per count."""
+        counts = [state["step"] for state in self.states]
+        torch._foreach_add_(counts, 1)
+        steps = torch.stack(counts).tolist()
+        hyper = hyper_parameters(optimizer.param_groups[self.group])
+        grads = [copy.tensor.grad for copy in self.copies]
+        if all(step == steps[0] for step in steps):
+            check_tensors(self.tensors[0], (grads, torch.bfloat16))
+            grad_pointers = pointer_list(grads)
+            library.engine_adamw_bf16(
+                len(grads),
+                *(p.data_ptr() for p in self.pointers[:2]),
+                grad_pointers.data_ptr(),
+                *(p.data_ptr() for p in self.pointers[2:]),
+                self.sizes.data_ptr(),
+                *kernel_scalars(*hyper, steps[0], scale),
+            )
+            return
+        for step in sorted(set(steps)):  # parameters that missed steps count fewer
+            chosen = [i for i, s in enumerate(steps) if s == step]
+            masters, tensors, avgs, sqs = ([ts[i] for i in chosen] for ts in self.tensors)
+            adamw_bf16(library, masters, tensors, [grads[i] for i in chosen], avgs, sqs, hyper, step, scale)
+
+
+def check_tensors(params: list[torch.Tensor], *others: tuple[list[torch.Tensor], torch.dtype]) -> None:
+    """Contiguous float32 ``params`` and, for each (tensors, dtype) of ``others``, contiguous ``dtype``
+    tensors of the params' shapes: what the library's pointer arithmetic assumes."""
+    for tensors, dtype in ((params, torch.float32), *others):
+        for tensor, param in zip(tensors, params, strict=True):
+            if tensor.dtype != dtype or tensor.shape != param.shape or not tensor.is_contiguous():
+                raise EngineError(f"{SETTING}: a {tuple(tensor.shape)} {tensor.dtype} tensor where the step "
+                                  f"needs a contiguous {dtype} one of {tuple(param.shape)}")  # fmt: skip
 
 
 def pointer_list(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -302,11 +357,7 @@ def adamw_bf16(
     ``weights`` (written) and bf16 ``grads``; ``hyper``: lr, beta1, beta2, eps and weight decay
     (:func:`~engine.native_adamw.hyper_parameters`), ``step``: the count after this step, ``scale`` <= 0:
     no grad scale. The scalars derived as ATen's fused kernel derives them."""
-    for tensors, dtype in ((params, torch.float32), (weights, torch.bfloat16), (grads, torch.bfloat16)):
-        for tensor, param in zip(tensors, params, strict=True):
-            if tensor.dtype != dtype or tensor.shape != param.shape or not tensor.is_contiguous():
-                raise EngineError(f"{SETTING}: a {tuple(tensor.shape)} {tensor.dtype} tensor where the step "
-                                  f"needs a contiguous {dtype} one of {tuple(param.shape)}")  # fmt: skip
+    check_tensors(params, (weights, torch.bfloat16), (grads, torch.bfloat16))
     pointers = [pointer_list(ts) for ts in (params, weights, grads, avgs, sqs)]
     sizes = size_list(params)
     library.engine_adamw_bf16(

@@ -89,6 +89,32 @@ def test_the_steps_are_autocasts_float32_weights_under_the_fused_adamw_bit_for_b
     assert all(c.tensor.grad is None for c in copies.copies)
 
 
+def test_a_layer_that_sits_out_steps_counts_fewer_and_still_steps_bit_for_bit(library):
+    """A linear left out of some forwards has no gradient there: neither optimizer counts those steps
+    for it, so one group holds copies of two step counts (one library call each); the steps where
+    the pending copies change, and the ones after, equal the fused AdamW's."""
+    nets = [model(), model()]
+    for net in nets:
+        torch.manual_seed(1)
+        net.insert(2, nn.Linear(48, 48))  # the middle layer: used on even steps only
+    made = [(net, adamw(net)) for net in nets]
+    copies = bf16_weights.enable_bf16_weights(made[1][1], made[1][0], library, required=True)
+    for step in range(7):
+        for net, optimizer in made:
+            generator = torch.Generator().manual_seed(step)
+            x, y = torch.randn(8, 32, generator=generator), torch.randint(0, 2, (8,), generator=generator)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = net[1](net[0](x))
+                h = net[2](h) if step % 2 == 0 else h
+                loss = nn.functional.cross_entropy(net[3](h).float(), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        assert_same(made, copies)
+    counts = {float(made[1][1].state[c.master]["step"]) for c in copies.copies}
+    assert counts == {4.0, 7.0}
+
+
 def test_a_tied_weight_stays_on_autocasts_cast(library):
     """A weight two modules share gets its gradients added in float32, so it gets no bf16 copy."""
     net = model()
