@@ -76,6 +76,19 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     return keep_multiplier(shape, p, torch.float32, device).bool()
 
 
+_ZEROS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim zero of ``like``'s dtype and device, made once (``addcmul`` only reads it)."""
+    key = (like.dtype, like.device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        with torch.inference_mode(False):  # a normal tensor, also when first made under inference mode
+            zero = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return zero
+
+
 class _ApplyMask(torch.autograd.Function):
     """``x * keep * scale`` forward and ``grad * keep * scale`` backward in one pass each (the
     product scaled in float32, then rounded to ``x``'s dtype); saves only the 0/1 mask."""
@@ -84,12 +97,12 @@ class _ApplyMask(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.addcmul(x.new_zeros(()), x, keep, value=scale)
+        return torch.addcmul(_zero(x), x, keep, value=scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return torch.addcmul(grad.new_zeros(()), grad, keep, value=ctx.scale), None, None
+        return torch.addcmul(_zero(grad), grad, keep, value=ctx.scale), None, None
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
