@@ -408,6 +408,7 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
     gelu_library = use_native_gelu(t.native_gelu, backend.device, t.compile)
     if gelu_library is not None:
         log.info("native GELU tables: %d activations, from %s", enable_native_gelu(model.hf_model), gelu_library)
+    embedding = None  # the sparse gradient's embedding: its steps list the rows they wrote
     if use_sparse_embedding_grad(t.sparse_embedding_grad, backend.device, backend.num_processes, t.compile):
         embedding = enable_sparse_embedding_grad(model.hf_model)
         if embedding is not None:
@@ -427,9 +428,16 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
     fp16 = backend.mixed_precision == MixedPrecision.fp16
     adamw_path, adamw_library = use_native_embedding_adamw(t.native_embedding_adamw, optimizer, backend.device, fp16)
     if adamw_library is not None:
-        rows_step = enable_embedding_adamw(optimizer, model.hf_model, adamw_library, bool(t.native_embedding_adamw))
+        rows_step = enable_embedding_adamw(
+            optimizer, model.hf_model, adamw_library, bool(t.native_embedding_adamw), lazy_decay=embedding is not None
+        )
         if rows_step is not None:
-            log.info("word embedding AdamW by rows (%d rows) from %s", rows_step.weight.shape[0], adamw_path)
+            log.info(
+                "word embedding AdamW by rows (%d rows%s) from %s",
+                rows_step.weight.shape[0],
+                ", untouched rows' decay applied when read" if rows_step.lazy is not None else "",
+                adamw_path,
+            )
     model, optimizer, train_dl, dev_loader = backend.prepare(model, optimizer, train_dl, dev_loader)
     classifier = backend.unwrap_model(model)
 

@@ -189,8 +189,71 @@ def test_with_the_sparse_gradient_buffer_only_the_written_rows_are_read(library,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     weights = [m.embedding.weight for m in models]
-    assert torch.equal(weights[0], weights[1])
+    # the rows no gradient reached (0 and the unlisted ones) owe the 5 steps' decay until read
+    assert step.lazy.pending == 5 and not torch.equal(weights[0][0], weights[1][0])
+    assert torch.equal(models[0].state_dict()["embedding.weight"], models[1].state_dict()["embedding.weight"])
+    assert step.lazy.pending == 0 and torch.equal(weights[0], weights[1])
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(optimizers[0].state[weights[0]][key], optimizers[1].state[weights[1]][key])
     assert len(listed) == 5 and all(rows is not None for rows in listed)
     assert step.active_rows == len(torch.unique(torch.cat([r for r in listed])))
+
+
+@needs_cc
+@pytest.mark.parametrize("compact", [512, 3])
+def test_lazily_decayed_rows_read_as_the_fused_adamw_left_them(library, monkeypatch, compact):
+    """Rows no gradient has reached owe their decay until read: an evaluation lookup of such rows, a
+    step whose rows are not listed, a state_dict (a checkpoint) and a load_state_dict (a resume), and
+    the list's compaction each see exactly the weights of torch's fused AdamW."""
+    from engine import embedding_grad
+    from engine.embedding_grad import enable_sparse_embedding_grad
+
+    monkeypatch.setattr(native_adamw.LazyDecay, "COMPACT", compact)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(60, 16)
+
+        def get_input_embeddings(self):
+            return self.embedding
+
+    def build():
+        torch.manual_seed(0)
+        model = Tiny()
+        assert enable_sparse_embedding_grad(model) is model.embedding
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=True)
+
+    (reference, ref_opt), (ours, our_opt) = build(), build()
+    step = native_adamw.enable_embedding_adamw(our_opt, ours, library, required=True)
+    unlisted = {4}  # the step whose gradient rows are not listed: every row catches up, then all decay
+    real_rows = embedding_grad.nonzero_rows
+    monkeypatch.setattr(native_adamw, "nonzero_rows", lambda grad: None if len(seen) in unlisted else real_rows(grad))
+    seen: list[int] = []
+
+    def train(model, optimizer, i):
+        ids = torch.randint(1, 30, (2, 5), generator=torch.Generator().manual_seed(i))  # rows 30+: never trained
+        (model.embedding(ids) * torch.linspace(-1, 1, 16)).sum().backward()
+        for group in optimizer.param_groups:  # a schedule: each step's decay factor differs
+            group["lr"] = 1e-2 * (1 - i / 20)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(9):
+        seen.append(i)
+        for model, optimizer in ((reference, ref_opt), (ours, our_opt)):
+            train(model, optimizer, i)
+        if i == 2:  # an evaluation lookup of never-trained rows (and trained ones)
+            with torch.inference_mode():
+                ids = torch.tensor([[0, 31, 45, 59, 3]])
+                assert torch.equal(reference.embedding(ids), ours.embedding(ids))
+        if i == 6:  # a checkpoint and a resume from it
+            saved = copy.deepcopy((ours.state_dict(), our_opt.state_dict()))
+            assert torch.equal(saved[0]["embedding.weight"], reference.embedding.weight)
+            train(ours, our_opt, 100)  # a step the resumed run redoes differently
+            ours.load_state_dict(saved[0])
+            our_opt.load_state_dict(saved[1])
+    assert step.lazy.pending <= max(compact, 1) and step.active_rows < 30
+    assert torch.equal(ours.state_dict()["embedding.weight"], reference.embedding.weight)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(ref_opt.state[reference.embedding.weight][key], our_opt.state[ours.embedding.weight][key])
