@@ -189,8 +189,10 @@ class TrainerConfig:
     clip_in_step: bool | None = None
     # The word embedding's AdamW step by rows (engine/native/adamw_rows.c): rows that never had a
     # gradient (both moments exactly 0) take only the weight decay multiply, the others the fused
-    # AdamW arithmetic; the same results as the fused step bit for bit. null: on for CPU training
-    # with a fused AdamW and no fp16 scaler where it builds; true where it cannot apply is an error.
+    # AdamW arithmetic; the same results as the fused step bit for bit. With the sparse embedding
+    # gradient, that multiply waits until the row is read (looked up, listed by a step, saved).
+    # null: on for CPU training with a fused AdamW and no fp16 scaler where it builds; true where it
+    # cannot apply is an error.
     native_embedding_adamw: bool | None = None
     # The linear layers train on bf16 copies of their weights and biases (no autocast casts forward
     # or back), stepped from the bf16 gradients into float32 masters by engine/native/adamw_bf16.c;
