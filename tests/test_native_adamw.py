@@ -24,6 +24,17 @@ def library():
     return native_library(native_adamw)
 
 
+class Tiny(nn.Module):
+    """A model whose input embedding (60 rows of ``cols``) is all there is."""
+
+    def __init__(self, cols: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(60, cols)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embedding
+
+
 def pair(rows: int, cols: int, library, **adamw):
     """Two identical (embedding weight, bias) models, each with a fused AdamW: the reference and one
     whose embedding the library steps."""
@@ -164,18 +175,10 @@ def test_with_the_sparse_gradient_buffer_only_the_written_rows_are_read(library,
     gradient is read) and still steps exactly as the fused AdamW does."""
     from engine.embedding_grad import enable_sparse_embedding_grad, nonzero_rows
 
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embedding = nn.Embedding(60, 24)
-
-        def get_input_embeddings(self):
-            return self.embedding
-
     models, optimizers = [], []
     for _ in range(2):
         torch.manual_seed(0)
-        model = Tiny()
+        model = Tiny(24)
         assert enable_sparse_embedding_grad(model) is model.embedding
         models.append(model)
         optimizers.append(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=True))
@@ -210,17 +213,9 @@ def test_lazily_decayed_rows_read_as_the_fused_adamw_left_them(library, monkeypa
 
     monkeypatch.setattr(native_adamw.LazyDecay, "COMPACT", compact)
 
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embedding = nn.Embedding(60, 16)
-
-        def get_input_embeddings(self):
-            return self.embedding
-
     def build():
         torch.manual_seed(0)
-        model = Tiny()
+        model = Tiny(16)
         assert enable_sparse_embedding_grad(model) is model.embedding
         return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=True)
 
