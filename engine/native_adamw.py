@@ -102,7 +102,9 @@ def enable_embedding_adamw(
         if required:
             raise EngineError(f"{SETTING}=true: the model has no trainable input nn.Embedding in the optimizer")
         return None
-    return EmbeddingRowsStep(optimizer, weight, library, embedding if lazy_decay else None)
+    # A weight another module also reads (tied to an output layer) would be read there un-decayed.
+    shared = sum(p is weight for _, p in hf_model.named_parameters(remove_duplicate=False)) > 1
+    return EmbeddingRowsStep(optimizer, weight, library, embedding if lazy_decay and not shared else None)
 
 
 class EmbeddingRowsStep:

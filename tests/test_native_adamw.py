@@ -252,3 +252,17 @@ def test_lazily_decayed_rows_read_as_the_fused_adamw_left_them(library, monkeypa
     assert torch.equal(ours.state_dict()["embedding.weight"], reference.embedding.weight)
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(ref_opt.state[reference.embedding.weight][key], our_opt.state[ours.embedding.weight][key])
+
+
+@needs_cc
+def test_a_tied_embedding_decays_every_step(library):
+    """An embedding weight another module also reads (an output layer tied to it) is read there
+    without the lookup hook: its rows take their decay every step, as before."""
+    model = Tiny(16)
+    model.decoder = nn.Linear(16, 60, bias=False)
+    model.decoder.weight = model.embedding.weight
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=True)
+    assert native_adamw.enable_embedding_adamw(optimizer, model, library, required=True).lazy is None
+    untied = Tiny(16)
+    optimizer = torch.optim.AdamW(untied.parameters(), lr=1e-2, weight_decay=0.05, fused=True)
+    assert native_adamw.enable_embedding_adamw(optimizer, untied, library, required=True).lazy is not None
