@@ -171,7 +171,10 @@ class EmbeddingRowsStep:
         grad = self.weight.grad
         self._pending = None
         if not self._takes(grad):
-            return  # the fused step takes it (or there is nothing to step)
+            if grad is not None:  # the fused step takes it
+                self.catch_up()  # it decays every row: those owing factors take them first
+                self._known = None  # and it writes the moments without a version bump: rebuild the rows
+            return
         scale = getattr(optimizer, "grad_scale", None)  # trainer.clip_in_step's, read before its hook drops it
         rows = nonzero_rows(grad)  # the sparse gradient buffer's written rows: the others are zero
         self._pending = (grad, float(scale) if scale is not None else 0.0, rows)
@@ -185,9 +188,10 @@ class EmbeddingRowsStep:
         self.weight.grad = grad
         step, avg, sq = next_step(optimizer, self.weight, SETTING)
         lazy = self.lazy if rows is not None else None
-        if lazy is None or self._known != self._fingerprint(avg, sq):
+        known = self._known == self._fingerprint(avg, sq)  # else replaced or written since
+        if lazy is None or not known:
             self.catch_up()  # every row as the steps so far left it, under the active rows so far
-        if self._known != self._fingerprint(avg, sq):  # replaced or written since: which rows are active is unknown
+        if not known:  # which rows are active is unknown
             self.active = ((avg != 0).any(1) | (sq != 0).any(1)).to(torch.uint8)
         self.active_rows = adamw_rows(
             self.library,

@@ -266,3 +266,32 @@ def test_a_tied_embedding_decays_every_step(library):
     untied = Tiny(16)
     optimizer = torch.optim.AdamW(untied.parameters(), lr=1e-2, weight_decay=0.05, fused=True)
     assert native_adamw.enable_embedding_adamw(optimizer, untied, library, required=True).lazy is not None
+
+
+@needs_cc
+def test_a_step_the_fused_kernel_takes_decays_rows_after_what_they_owe(library, monkeypatch):
+    """A gradient the library cannot take (not contiguous) goes to the fused step, which decays every
+    row: the rows owing lazily applied factors take them first, so the weights stay torch's."""
+    monkeypatch.setattr(native_adamw, "nonzero_rows", lambda grad: grad.ne(0).any(1).nonzero().flatten())
+    made = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = Tiny(16)
+        made.append((model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=True)))
+    step = native_adamw.enable_embedding_adamw(made[1][1], made[1][0], library, required=True)
+    for i in range(4):
+        for model, optimizer in made:
+            ids = torch.randint(1, 30, (2, 5), generator=torch.Generator().manual_seed(i))
+            (model.embedding(ids) * torch.linspace(-1, 1, 16)).sum().backward()
+            if i == 2:
+                model.embedding.weight.grad = model.embedding.weight.grad.t().contiguous().t()
+            for group in optimizer.param_groups:  # a schedule: each step's decay factor differs
+                group["lr"] = 1e-2 * (1 - i / 20)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if i == 1:
+            assert step.lazy.pending == 2  # rows 0 and 30+ owe two steps' decay
+    weights = [model.embedding.weight for model, _ in made]
+    assert torch.equal(made[1][0].state_dict()["embedding.weight"], weights[0])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(made[0][1].state[weights[0]][key], made[1][1].state[weights[1]][key])
