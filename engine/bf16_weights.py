@@ -306,15 +306,8 @@ class _Call:
         grads = [copy.tensor.grad for copy in self.copies]
         if all(step == steps[0] for step in steps):
             check_tensors(self.tensors[0], (grads, torch.bfloat16))
-            grad_pointers = pointer_list(grads)
-            library.engine_adamw_bf16(
-                len(grads),
-                *(p.data_ptr() for p in self.pointers[:2]),
-                grad_pointers.data_ptr(),
-                *(p.data_ptr() for p in self.pointers[2:]),
-                self.sizes.data_ptr(),
-                *kernel_scalars(*hyper, steps[0], scale),
-            )
+            masters, weights, avgs, sqs = self.pointers
+            step_lists(library, (masters, weights, pointer_list(grads), avgs, sqs), self.sizes, hyper, steps[0], scale)
             return
         for step in sorted(set(steps)):  # parameters that missed steps count fewer
             chosen = [i for i, s in enumerate(steps) if s == step]
@@ -358,13 +351,22 @@ def adamw_bf16(
     (:func:`~engine.native_adamw.hyper_parameters`), ``step``: the count after this step, ``scale`` <= 0:
     no grad scale. The scalars derived as ATen's fused kernel derives them."""
     check_tensors(params, (weights, torch.bfloat16), (grads, torch.bfloat16))
-    pointers = [pointer_list(ts) for ts in (params, weights, grads, avgs, sqs)]
-    sizes = size_list(params)
+    pointers = tuple(pointer_list(ts) for ts in (params, weights, grads, avgs, sqs))
+    step_lists(library, pointers, size_list(params), hyper, step, scale)
+
+
+def step_lists(
+    library: ctypes.CDLL,
+    pointers: tuple[torch.Tensor, ...],
+    sizes: torch.Tensor,
+    hyper: tuple[float, float, float, float, float],
+    step: float,
+    scale: float,
+) -> None:
+    """The library's step on checked tensors given as :func:`pointer_list` arrays of the masters, bf16
+    weights, bf16 gradients and both moments, and their :func:`size_list`."""
     library.engine_adamw_bf16(
-        len(params),
-        *(p.data_ptr() for p in pointers),
-        sizes.data_ptr(),
-        *kernel_scalars(*hyper, step, scale),
+        len(sizes), *(p.data_ptr() for p in pointers), sizes.data_ptr(), *kernel_scalars(*hyper, step, scale)
     )
 
 
