@@ -627,8 +627,8 @@ def make_collator(tokenizer: Any, data: DataConfig, pad_to_multiple_of: int | No
     return PadCollator(tokenizer, multiple)
 
 
-# Padded with these (None: the tokenizer's) by DataCollatorWithPadding, i.e. by ``tokenizer.pad``.
-PADDED = {"input_ids": None, "attention_mask": 0, "token_type_ids": None, "special_tokens_mask": 1}
+# The columns DataCollatorWithPadding (``tokenizer.pad``) pads; PadCollator.pad_values holds the values.
+PADDED = ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask")
 
 
 class PadCollator:
