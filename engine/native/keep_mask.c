@@ -56,7 +56,8 @@ static void threefry_blocks(uint32_t *words, uint64_t first, int count, uint32_t
 }
 
 /* out[i] = one where lane offset + i >= dropped, else 0 (offset: a multiple of 4): a chunk of WIDTH
-   blocks (4 * WIDTH lanes) at a time, so the lanes never leave the cache. T: uint16_t for bf16 / fp16 bit patterns, uint32_t for fp32. */
+   blocks (4 * WIDTH lanes) at a time, so the lanes never leave the cache. T: uint16_t for bf16 / fp16
+   bit patterns, uint32_t for fp32. */
 #define KEEP_MASK(name, T)                                                                         \
     CLONES static void name(T *out, int64_t n, int64_t offset, uint32_t k0, uint32_t k1, uint32_t dropped, \
                             T one) {                                                                   \
