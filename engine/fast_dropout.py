@@ -28,6 +28,7 @@ only the ``nn.Dropout`` modules are swapped. Neither changes a parameter or a ``
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +59,17 @@ def keep_multiplier(
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(2**63), None)  # every bit uniform: four uniform int16 lanes per word
     return keep_lanes(words.view(torch.int16)[:numel].view(shape), p, dtype)
+
+
+def keep_bits(numel: int, p: float) -> torch.Tensor:
+    """:func:`keep_multiplier`'s draw for ``numel`` CPU elements (the same generator calls, the same
+    mask) as packed bits: bit ``i % 8`` of byte ``i // 8`` set where element ``i`` is kept; a uint8
+    tensor with 8 zero bytes past the mask's bytes."""
+    if native_masks.active():
+        return native_masks.keep_bits(numel, round(p * _LANES))
+    kept = keep_multiplier((numel,), p, torch.float32).bool().numpy()
+    packed = np.packbits(kept, bitorder="little")
+    return torch.from_numpy(np.concatenate([packed, np.zeros(8, np.uint8)]))
 
 
 def keep_lanes(lanes: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:

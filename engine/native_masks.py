@@ -195,3 +195,16 @@ def keep_multiplier(shape: torch.Size | tuple[int, ...], dropped: int, dtype: to
     key = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) % 2**64
     _library.engine_keep_mask(out.data_ptr(), out.numel(), key, dropped, one, bits, torch.get_num_threads())
     return out
+
+
+def keep_bits(numel: int, dropped: int) -> torch.Tensor:
+    """:func:`keep_multiplier`'s mask (the same draw: one key from torch's default generator) for
+    ``numel`` elements as packed bits: bit ``i % 8`` of byte ``i // 8`` set where element ``i`` is kept.
+    A uint8 tensor of ``numel / 8`` bytes rounded up, and 8 zero bytes past them (whole words may be read)."""
+    if _library is None:
+        raise EngineError("native masks are not enabled (engine.native_masks.use_native_masks)")
+    out = torch.empty((numel + 7) // 8 + 8, dtype=torch.uint8)
+    out[-8:] = 0
+    key = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) % 2**64
+    _library.engine_keep_mask(out.data_ptr(), numel, key, dropped, 0, 1, torch.get_num_threads())
+    return out

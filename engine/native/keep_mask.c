@@ -80,9 +80,28 @@ static void threefry_blocks(uint32_t *words, uint64_t first, int count, uint32_t
 KEEP_MASK(keep16, uint16_t)
 KEEP_MASK(keep32, uint32_t)
 
+/* The same mask as bits: bit i % 8 of byte i / 8 is set where lane offset + i >= dropped (offset: a
+   multiple of 4 * WIDTH, so that out starts on a byte). */
+CLONES static void keep_bits(uint8_t *out, int64_t n, int64_t offset, uint32_t k0, uint32_t k1, uint32_t dropped) {
+    uint32_t words[2 * WIDTH];
+    for (int64_t start = 0; start < n; start += 4 * WIDTH) {
+        int64_t count = n - start < 4 * WIDTH ? n - start : 4 * WIDTH;
+        threefry_blocks(words, (uint64_t)(offset + start) / 4, WIDTH, k0, k1);
+        uint8_t *o = out + start / 8;
+        for (int64_t byte = 0; byte < (count + 7) / 8; byte++) {
+            unsigned bits = 0;
+            for (int m = 0; m < 8 && 8 * byte + m < count; m++) {
+                const int64_t i = 8 * byte + m;
+                bits |= (unsigned)(((words[i / 2] >> (16 * (i % 2))) & 0xFFFFu) >= dropped) << m;
+            }
+            o[byte] = (uint8_t)bits;
+        }
+    }
+}
+
 /* The keep mask of n elements under key on up to `threads` threads: bits 16 writes uint16
-   patterns, 32 writes uint32 ones. Each thread takes a run of whole chunks (4 * WIDTH lanes), so
-   every chunk starts at a block boundary as in one thread. */
+   patterns, 32 writes uint32 ones, 1 packed bits (keep_bits; `one` unused). Each thread takes a
+   run of whole chunks (4 * WIDTH lanes), so every chunk starts at a block boundary as in one thread. */
 void engine_keep_mask(void *out, int64_t n, uint64_t key, uint32_t dropped, uint32_t one, int bits, int threads) {
     const int64_t chunk = 4 * WIDTH, chunks = (n + chunk - 1) / chunk;
     const uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
@@ -94,8 +113,10 @@ void engine_keep_mask(void *out, int64_t n, uint64_t key, uint32_t dropped, uint
         if (first < last) {
             if (bits == 16)
                 keep16((uint16_t *)out + first, last - first, first, k0, k1, dropped, (uint16_t)one);
-            else
+            else if (bits == 32)
                 keep32((uint32_t *)out + first, last - first, first, k0, k1, dropped, one);
+            else
+                keep_bits((uint8_t *)out + first / 8, last - first, first, k0, k1, dropped);
         }
     }
 }
