@@ -270,6 +270,7 @@ LEVERS = [
             "trainer.fast_dropout=false",
             "trainer.native_masks=false",
             "trainer.native_softmax=false",
+            "trainer.native_attention=false",
             "trainer.native_gelu=false",
             "trainer.sparse_embedding_grad=false",
             "trainer.fused_inference=false",
@@ -290,6 +291,10 @@ LEVERS = [
     ("+ fast dropout masks", ["trainer.fast_dropout=null"]),
     ("+ compiled Threefry dropout masks (one pass per mask)", ["trainer.native_masks=null"]),
     ("+ compiled attention softmax with its dropout (one pass each way)", ["trainer.native_softmax=null"]),
+    (
+        "+ the whole training attention in that library (per head: both products, softmax, dropout)",
+        ["trainer.native_attention=null"],
+    ),
     ("+ GELU from tables over the bf16 values (training)", ["trainer.native_gelu=null"]),
     ("+ sparse embedding gradient in a persistent buffer", ["trainer.sparse_embedding_grad=null"]),
     (

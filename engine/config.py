@@ -159,6 +159,14 @@ class TrainerConfig:
     # evaluation. null: on for CPU runs without compile where it builds (else ATen's softmax, with
     # a warning); true: an error if it cannot be built.
     native_softmax: bool | None = None
+    # The whole bf16 CPU training attention (dropout on) in native_softmax's library, per head in
+    # one call each way: both products, the softmax and its dropout, forward and backward, on the
+    # linear layers' own layout with the dropout mask as bits (engine/native/softmax.c). The same bits
+    # as ATen's products around the native softmax: the library checks that on a small problem
+    # when first used, and keeps ATen's products where it differs (a CPU whose bf16 products are
+    # not oneDNN's AVX-512 BF16 dot products). null: on with native_softmax where the CPU has
+    # AVX-512 BF16 and the check passes; true: an error where it cannot be on.
+    native_attention: bool | None = None
     # The feed-forward's exact GELU on bf16 CPU tensors from tables of ATen's own values over the
     # 65536 bf16 inputs (engine/native/gelu.c, built like native_masks' library): forward bit for bit
     # ATen's. null: on for CPU runs without compile where it builds; true: an error if it cannot.

@@ -44,7 +44,7 @@ from engine.model import (
 from engine.native_adamw import enable_embedding_adamw, use_native_embedding_adamw
 from engine.native_gelu import enable_native_gelu, use_native_gelu
 from engine.native_masks import use_native_masks
-from engine.native_softmax import kernel_path, use_native_softmax
+from engine.native_softmax import kernel_path, use_native_attention, use_native_softmax
 from engine.packed_inference import enable_packed_inference, use_packed_inference
 from engine.resume import Progress
 
@@ -405,6 +405,8 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
     softmax_library = use_native_softmax(t.native_softmax, backend.device, t.compile)
     if softmax_library is not None:
         log.info("native attention softmax (with its dropout in training, %s) from %s", kernel_path(), softmax_library)
+    if use_native_attention(t.native_attention):
+        log.info("native training attention: products, softmax and dropout per head in one library call each way")
     gelu_library = use_native_gelu(t.native_gelu, backend.device, t.compile)
     if gelu_library is not None:
         log.info("native GELU tables: %d activations, from %s", enable_native_gelu(model.hf_model), gelu_library)

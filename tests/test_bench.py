@@ -29,6 +29,7 @@ def test_every_lever_row_is_a_valid_config(make_cfg):
             t.fast_dropout is not False,
             t.native_masks is not False,
             t.native_softmax is not False,
+            t.native_attention is not False,
             t.native_gelu is not False,
             t.sparse_embedding_grad is not False,
             t.fused_inference is not False,
@@ -41,8 +42,8 @@ def test_every_lever_row_is_a_valid_config(make_cfg):
         )
         seen.append((config.data.group_by_length, config.data.pad_to_multiple_of, t.mixed_precision, *levers))
     # The baseline switches every lever off; the last row has them all on.
-    assert seen[0] == (False, 1, MixedPrecision.no, *[False] * 12)
-    assert seen[-1] == (True, None, MixedPrecision.bf16, *[True] * 12)
+    assert seen[0] == (False, 1, MixedPrecision.no, *[False] * 13)
+    assert seen[-1] == (True, None, MixedPrecision.bf16, *[True] * 13)
 
 
 def test_mean_and_sd_over_seeds():
