@@ -223,7 +223,8 @@ def fused_attention() -> bool:
         return False
     key = id(_library)
     if key not in _fused:
-        _fused[key] = bool(_library.engine_attention_available()) and _attention_matches()
+        with torch.inference_mode(False), torch.enable_grad():  # the check differentiates, wherever first asked
+            _fused[key] = bool(_library.engine_attention_available()) and _attention_matches()
     return _fused[key]
 
 
@@ -314,8 +315,8 @@ def attention_dropout(
     """The engine's training attention (:func:`engine.attention.folded_products` with softmax dropout
     ``p``, 0 < p < 1) for :func:`attention_applies` inputs ``(batch, heads, length, head dim)``; ``bias``
     an additive bf16 mask broadcast to ``(batch, heads, length, length)`` (unit last stride) or None.
-    The same mask draw as :func:`softmax_dropout` (one :func:`keep_multiplier` call for the folded
-    scores' shape). Returns ``(batch, length, heads, head dim)``, contiguous."""
+    The same mask as :func:`softmax_dropout` draws for the folded scores, as bits
+    (:func:`engine.fast_dropout.keep_bits`). Returns ``(batch, length, heads, head dim)``, contiguous."""
     batch, heads, n, _ = query.shape
     keep = keep_bits(batch * heads * n * n, p)
     if bias is not None and (bias.stride(-1) != 1 or bias.data_ptr() % 2):

@@ -177,3 +177,13 @@ def test_a_bf16_training_run_is_the_same_with_it_and_without(library, make_cfg, 
     )
     assert len(runs["null"]) == len(runs["false"]) == 8
     assert runs["null"] == runs["false"]
+
+
+def test_the_first_use_check_runs_under_inference_mode_too(monkeypatch):
+    """Whoever first asks (an evaluation under inference mode, say) gets the check's answer, not an error."""
+    native_softmax.use_native_softmax(True)
+    monkeypatch.setattr(native_softmax, "_fused", {})
+    expected = native_softmax.fused_attention()
+    native_softmax._fused.clear()
+    with torch.inference_mode():
+        assert native_softmax.fused_attention() == expected
