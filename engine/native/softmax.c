@@ -580,18 +580,28 @@ int engine_attention_available(void) {
 #endif
 }
 
-/* Returns 0; -1 without scratch memory; -2 where this CPU lacks the kernel (see above). */
+#ifdef HAVE_AVX512_PATH
+/* a's strides from the caller's array (q, k, v, bias, then dout for the backward: batch, head and
+   position strides of each) and its sizes from shape (batch, heads, length, dim); then the heads */
+static int run_attention(att_t a, const int64_t *strides, const int64_t *shape, float alpha, float scale, int backward,
+                         int threads) {
+    if (!engine_attention_available()) return -2;
+    for (int i = 0; i < 3; i++) {
+        a.q_s[i] = strides[i], a.k_s[i] = strides[3 + i], a.v_s[i] = strides[6 + i], a.bias_s[i] = strides[9 + i];
+        a.dout_s[i] = backward ? strides[12 + i] : 0;
+    }
+    a.batch = shape[0], a.heads = shape[1], a.n = shape[2], a.d = shape[3], a.alpha = alpha, a.scale = scale;
+    return run_heads(&a, backward, threads);
+}
+#endif
+
+/* Both return 0; -1 without scratch memory; -2 where this CPU lacks the kernel (see above). */
 int engine_attention_forward(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *strides,
                              const uint16_t *bias, const uint8_t *keep, uint16_t *y, uint16_t *out,
                              const int64_t *shape, float alpha, float scale, int threads) {
 #ifdef HAVE_AVX512_PATH
-    if (!engine_attention_available()) return -2;
-    att_t a = {q, k, v, bias, keep, NULL, y, out, NULL, NULL, NULL, {0}, {0}, {0}, {0}, {0}, 0, 0, 0, 0, 0, 0};
-    for (int i = 0; i < 3; i++) {
-        a.q_s[i] = strides[i], a.k_s[i] = strides[3 + i], a.v_s[i] = strides[6 + i], a.bias_s[i] = strides[9 + i];
-    }
-    a.batch = shape[0], a.heads = shape[1], a.n = shape[2], a.d = shape[3], a.alpha = alpha, a.scale = scale;
-    return run_heads(&a, 0, threads);
+    const att_t a = {.q = q, .k = k, .v = v, .bias = bias, .keep = keep, .y = y, .out = out};
+    return run_attention(a, strides, shape, alpha, scale, 0, threads);
 #else
     return -2;
 #endif
@@ -602,13 +612,9 @@ int engine_attention_backward(const uint16_t *q, const uint16_t *k, const uint16
                               const uint16_t *dout, uint16_t *dq, uint16_t *dk, uint16_t *dv, const int64_t *shape,
                               float alpha, float scale, int threads) {
 #ifdef HAVE_AVX512_PATH
-    if (!engine_attention_available()) return -2;
-    att_t a = {q, k, v, bias_or_null, keep, dout, (uint16_t *)y, NULL, dq, dk, dv, {0}, {0}, {0}, {0}, {0}, 0, 0, 0, 0, 0, 0};
-    for (int i = 0; i < 3; i++) {
-        a.q_s[i] = strides[i], a.k_s[i] = strides[3 + i], a.v_s[i] = strides[6 + i], a.dout_s[i] = strides[12 + i];
-    }
-    a.batch = shape[0], a.heads = shape[1], a.n = shape[2], a.d = shape[3], a.alpha = alpha, a.scale = scale;
-    return run_heads(&a, 1, threads);
+    const att_t a = {.q = q, .k = k, .v = v, .bias = bias_or_null, .keep = keep, .dout = dout, .y = (uint16_t *)y,
+                     .dq = dq, .dk = dk, .dv = dv};
+    return run_attention(a, strides, shape, alpha, scale, 1, threads);
 #else
     return -2;
 #endif
