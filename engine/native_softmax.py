@@ -141,7 +141,7 @@ def _run(
         int(generic),
     )
     if failed:
-        raise MemoryError(f"{SETTING}: no memory for a scratch row of {n} floats")
+        raise MemoryError(f"{SETTING}: no memory for scratch rows of {n} floats")
 
 
 def _library_or_error() -> ctypes.CDLL:
