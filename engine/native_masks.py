@@ -188,12 +188,9 @@ def supports(dtype: torch.dtype) -> bool:
 def keep_multiplier(shape: torch.Size | tuple[int, ...], dropped: int, dtype: torch.dtype) -> torch.Tensor:
     """A CPU ``dtype`` tensor of ``shape``: 0 where the element's lane is below ``dropped`` (of
     65536), else 1; the key is one draw from torch's default generator."""
-    if _library is None:
-        raise EngineError("native masks are not enabled (engine.native_masks.use_native_masks)")
     one, bits = _ONE[dtype]
     out = torch.empty(shape, dtype=dtype)
-    key = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) % 2**64
-    _library.engine_keep_mask(out.data_ptr(), out.numel(), key, dropped, one, bits, torch.get_num_threads())
+    _draw(out, out.numel(), dropped, one, bits)
     return out
 
 
@@ -201,10 +198,16 @@ def keep_bits(numel: int, dropped: int) -> torch.Tensor:
     """:func:`keep_multiplier`'s mask (the same draw: one key from torch's default generator) for
     ``numel`` elements as packed bits: bit ``i % 8`` of byte ``i // 8`` set where element ``i`` is kept.
     A uint8 tensor of ``numel / 8`` bytes rounded up, and 8 zero bytes past them (whole words may be read)."""
-    if _library is None:
-        raise EngineError("native masks are not enabled (engine.native_masks.use_native_masks)")
     out = torch.empty((numel + 7) // 8 + 8, dtype=torch.uint8)
     out[-8:] = 0
-    key = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) % 2**64
-    _library.engine_keep_mask(out.data_ptr(), numel, key, dropped, 0, 1, torch.get_num_threads())
+    _draw(out, numel, dropped, 0, 1)
     return out
+
+
+def _draw(out: torch.Tensor, numel: int, dropped: int, one: int, bits: int) -> None:
+    """One key from torch's default generator, then the library's mask of ``numel`` elements into ``out``
+    (``bits`` 16 or 32: ``one``-valued elements; 1: packed bits): every mask form the same draw."""
+    if _library is None:
+        raise EngineError("native masks are not enabled (engine.native_masks.use_native_masks)")
+    key = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) % 2**64
+    _library.engine_keep_mask(out.data_ptr(), numel, key, dropped, one, bits, torch.get_num_threads())
