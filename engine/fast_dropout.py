@@ -67,9 +67,12 @@ def keep_bits(numel: int, p: float) -> torch.Tensor:
     tensor with 8 zero bytes past the mask's bytes."""
     if native_masks.active():
         return native_masks.keep_bits(numel, round(p * _LANES))
-    kept = keep_multiplier((numel,), p, torch.float32).bool().numpy()
-    packed = np.packbits(kept, bitorder="little")
-    return torch.from_numpy(np.concatenate([packed, np.zeros(8, np.uint8)]))
+    return pack_bits(keep_multiplier((numel,), p, torch.float32).bool().numpy())
+
+
+def pack_bits(kept: np.ndarray) -> torch.Tensor:
+    """A bool array (True = kept) in :func:`keep_bits`' form: packed bits, then 8 zero bytes."""
+    return torch.from_numpy(np.concatenate([np.packbits(kept.reshape(-1), bitorder="little"), np.zeros(8, np.uint8)]))
 
 
 def keep_lanes(lanes: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:

@@ -40,12 +40,11 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from engine import native_masks
 from engine.errors import EngineError
-from engine.fast_dropout import keep_bits, keep_multiplier
+from engine.fast_dropout import keep_bits, keep_multiplier, pack_bits
 
 SOURCE = Path(__file__).with_name("native") / "softmax.c"
 FLAGS = ("-fopenmp", "-lm")
@@ -337,7 +336,7 @@ def _attention_matches() -> bool:
 
     kept = torch.rand(batch * heads, n, n, generator=generator) > p
     keep = kept.to(torch.bfloat16)
-    bits = torch.from_numpy(np.concatenate([np.packbits(kept.numpy(), bitorder="little"), np.zeros(8, np.uint8)]))
+    bits = pack_bits(kept.numpy())
     pad = torch.zeros(batch, 1, 1, n, dtype=torch.bfloat16)
     pad[1, ..., n - 3 :] = torch.finfo(torch.bfloat16).min
     grad = rand(batch, n, heads, d)
