@@ -573,8 +573,12 @@ ATT static int run_heads(const att_t *a, int backward, int threads) {
 /* 1 when this CPU runs engine_attention_* (AVX-512 with its BF16 dot products) */
 int engine_attention_available(void) {
 #ifdef HAVE_AVX512_PATH
-    __builtin_cpu_init();
-    return use_avx512() && __builtin_cpu_supports("avx512bf16");
+    static int cached = -1; /* asked by every attention call: the CPU is read once */
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = use_avx512() && __builtin_cpu_supports("avx512bf16");
+    }
+    return cached;
 #else
     return 0;
 #endif
