@@ -96,12 +96,17 @@ class _Gelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        grad = grad.to(torch.bfloat16).contiguous()
-        out = torch.empty_like(x)
-        _library.engine_gelu_backward(
-            grad.data_ptr(), x.data_ptr(), out.data_ptr(), tables()[1].data_ptr(), x.numel(), torch.get_num_threads()
-        )
-        return out
+        return _backward(grad, x)
+
+
+def _backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The gradient of the GELU's input ``x`` (contiguous bf16) from ``grad`` of its output."""
+    grad = grad.to(torch.bfloat16).contiguous()
+    out = torch.empty_like(x)
+    _library.engine_gelu_backward(
+        grad.data_ptr(), x.data_ptr(), out.data_ptr(), tables()[1].data_ptr(), x.numel(), torch.get_num_threads()
+    )
+    return out
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:

@@ -258,53 +258,64 @@ def _check(failed: int) -> None:
         raise MemoryError(f"{SETTING}: no memory for the attention's per-thread scratch")
 
 
+def attention_forward(q, k, v, bias, keep, alpha: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`_Attention`'s forward as one library call: the output ``(batch, length, heads, head dim)``
+    and the dropped softmax weights its backward reads, for ``(batch, heads, length, head dim)`` inputs."""
+    batch, heads, n, d = q.shape
+    weights = q.new_empty((batch * heads, n, n))
+    out = q.new_empty((batch, n, heads, d))
+    shape = torch.tensor([batch, heads, n, d], dtype=torch.int64)
+    strides = _strides(q, k, v, bias)
+    ptr = None if bias is None else bias.data_ptr()
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), strides.data_ptr(), ptr, keep.data_ptr(), weights.data_ptr())
+    _check(
+        _library_or_error().engine_attention_forward(
+            *args, out.data_ptr(), shape.data_ptr(), alpha, scale, torch.get_num_threads()
+        )
+    )
+    return out, weights
+
+
+def attention_backward(q, k, v, bias, keep, weights, grad, alpha: float, scale: float):
+    """:class:`_Attention`'s backward as one library call: the gradients of ``q``, ``k`` and ``v``, each
+    ``(batch, length, heads, head dim)`` (contiguous), from ``grad`` of the output in that shape."""
+    batch, heads, n, d = q.shape
+    grad = grad.to(torch.bfloat16)
+    if grad.stride(-1) != 1 or any(s % 2 for s in grad.stride()) or grad.data_ptr() % 4:
+        grad = grad.contiguous()
+    dq, dk, dv = (q.new_empty((batch, n, heads, d)) for _ in range(3))
+    strides = torch.cat([_strides(q, k, v, bias), _strides(grad.transpose(1, 2))])
+    shape = torch.tensor([batch, heads, n, d], dtype=torch.int64)
+    ptr = None if bias is None else bias.data_ptr()
+    args = (
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        strides.data_ptr(),
+        ptr,
+        keep.data_ptr(),
+        weights.data_ptr(),
+        grad.data_ptr(),
+    )
+    outs = (dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), shape.data_ptr())
+    _check(_library_or_error().engine_attention_backward(*args, *outs, alpha, scale, torch.get_num_threads()))
+    return dq, dk, dv
+
+
 class _Attention(torch.autograd.Function):
     """``bmm(dropout(softmax(baddbmm(bias, q, k^T, alpha=alpha))), v)`` (``bmm(q, k^T).mul_(alpha)``
     without a bias) per head in one library call each way; saves the inputs, the softmax and the mask."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, keep, alpha: float, scale: float):
-        batch, heads, n, d = q.shape
-        weights = q.new_empty((batch * heads, n, n))
-        out = q.new_empty((batch, n, heads, d))
-        shape = torch.tensor([batch, heads, n, d], dtype=torch.int64)
-        strides = _strides(q, k, v, bias)
-        ptr = None if bias is None else bias.data_ptr()
-        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), strides.data_ptr(), ptr, keep.data_ptr(), weights.data_ptr())
-        _check(
-            _library_or_error().engine_attention_forward(
-                *args, out.data_ptr(), shape.data_ptr(), alpha, scale, torch.get_num_threads()
-            )
-        )
+        out, weights = attention_forward(q, k, v, bias, keep, alpha, scale)
         ctx.save_for_backward(q, k, v, bias, keep, weights)
         ctx.alpha, ctx.scale = alpha, scale
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        q, k, v, bias, keep, weights = ctx.saved_tensors
-        batch, heads, n, d = q.shape
-        grad = grad.to(torch.bfloat16)
-        if grad.stride(-1) != 1 or any(s % 2 for s in grad.stride()) or grad.data_ptr() % 4:
-            grad = grad.contiguous()
-        dq, dk, dv = (q.new_empty((batch, n, heads, d)) for _ in range(3))
-        strides = torch.cat([_strides(q, k, v, bias), _strides(grad.transpose(1, 2))])
-        shape = torch.tensor([batch, heads, n, d], dtype=torch.int64)
-        ptr = None if bias is None else bias.data_ptr()
-        args = (
-            q.data_ptr(),
-            k.data_ptr(),
-            v.data_ptr(),
-            strides.data_ptr(),
-            ptr,
-            keep.data_ptr(),
-            weights.data_ptr(),
-            grad.data_ptr(),
-        )
-        outs = (dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), shape.data_ptr())
-        _check(
-            _library_or_error().engine_attention_backward(*args, *outs, ctx.alpha, ctx.scale, torch.get_num_threads())
-        )
+        dq, dk, dv = attention_backward(*ctx.saved_tensors, grad, ctx.alpha, ctx.scale)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None, None
 
 
