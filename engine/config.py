@@ -171,6 +171,12 @@ class TrainerConfig:
     # 65536 bf16 inputs (engine/native/gelu.c, built like native_masks' library): forward bit for bit
     # ATen's. null: on for CPU runs without compile where it builds; true: an error if it cannot.
     native_gelu: bool | None = None
+    # A BERT encoder layer's whole training forward and backward as one autograd node
+    # (engine/fused_layer.py): the same kernels, mask draws and gradient sums as the modules under
+    # bf16 autocast, so the same bits, with one node and no module calls where there were ~60 and ~20.
+    # null: on where the layer's parts run on fast_dropout, native_attention, native_gelu and
+    # bf16_weights; true: an error where one of them is off.
+    fused_layers: bool | None = None
     # The word-embedding gradient as touched rows added into one persistent dense buffer instead of
     # a fresh zero-filled table each backward (page faults on the CPU). null: on for single-process
     # CPU training without compile; true needs a single process (DDP reduces dense gradients).

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from engine import checkpoint, resume, tracking
+from engine import checkpoint, native_gelu, native_softmax, resume, tracking
 from engine.backend import Backend, make_backend
 from engine.bf16_weights import enable_bf16_weights, use_bf16_weights
 from engine.clip_in_step import use_clip_in_step
@@ -33,6 +33,7 @@ from engine.errors import EngineError
 from engine.fast_dropout import enable_fast_dropout, use_fast_dropout
 from engine.first_token import enable_first_token_last_layer, use_first_token_last_layer
 from engine.fused_inference import enable_fused_inference, frozen_weights, use_fused_inference
+from engine.fused_layer import use_fused_layers
 from engine.metrics import compute_metrics, confusion, load_metric, per_class_report, sigmoid, tune_thresholds
 from engine.model import (
     build_model,
@@ -461,11 +462,16 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
     bf16 = backend.mixed_precision == MixedPrecision.bf16
     conditions = (optimizer, backend.device, backend.name, bf16, t.grad_accum_steps, t.compile, clipper is not None)
     bf16_path, bf16_library = use_bf16_weights(t.bf16_weights, *conditions)
+    copies = None
     if bf16_library is not None and clipper is not None:
         copies = enable_bf16_weights(optimizer, classifier.hf_model, bf16_library, bool(t.bf16_weights))
         if copies is not None:
             clipper.other_norm = copies.norm
             log.info("linear layers on bf16 copies (%d parameters) stepped from %s", copies.parameters, bf16_path)
+    parts = (fast_dropout, native_softmax.fused_attention(), native_gelu.active(), copies is not None)
+    fused = use_fused_layers(t.fused_layers, classifier.hf_model, *parts)
+    if fused:
+        log.info("fused encoder layers: %d, each one autograd node in training", fused)
 
     # --- Resume: a saved state replaces the fresh weights, optimizer and schedule -------
     progress = Progress()
