@@ -261,7 +261,7 @@ LEVERS = [
     (
         "baseline: random batches, unsorted eval, fp32, per-tensor AdamW, per-element dropout draws, "
         "dense embedding gradient, unfused inference, full last layer, padded evaluation, no length rounding, "
-        "clipping as its own pass, autocast's weight casts",
+        "clipping as its own pass, autocast's weight casts, layers as modules",
         [
             "data.group_by_length=false",
             "data.sort_eval_by_length=false",
@@ -280,6 +280,7 @@ LEVERS = [
             "trainer.clip_in_step=false",
             "trainer.native_embedding_adamw=false",
             "trainer.bf16_weights=false",
+            "trainer.fused_layers=false",
         ],
     ),
     ("+ fused AdamW", ["optim.fused=null"]),
@@ -311,8 +312,12 @@ LEVERS = [
         ["trainer.native_embedding_adamw=null"],
     ),
     (
-        "+ linears on bf16 weights from float32 masters (no autocast casts; every default on)",
+        "+ linears on bf16 weights from float32 masters (no autocast casts)",
         ["trainer.bf16_weights=null"],
+    ),
+    (
+        "+ each encoder layer one autograd node in training (every default on)",
+        ["trainer.fused_layers=null"],
     ),
     ("+ torch.compile (length buckets of 32)", ["trainer.compile=true"]),
 ]

@@ -38,12 +38,13 @@ def test_every_lever_row_is_a_valid_config(make_cfg):
             t.clip_in_step is not False,
             t.native_embedding_adamw is not False,
             t.bf16_weights is not False,
+            t.fused_layers is not False,
             t.compile,
         )
         seen.append((config.data.group_by_length, config.data.pad_to_multiple_of, t.mixed_precision, *levers))
     # The baseline switches every lever off; the last row has them all on.
-    assert seen[0] == (False, 1, MixedPrecision.no, *[False] * 13)
-    assert seen[-1] == (True, None, MixedPrecision.bf16, *[True] * 13)
+    assert seen[0] == (False, 1, MixedPrecision.no, *[False] * 14)
+    assert seen[-1] == (True, None, MixedPrecision.bf16, *[True] * 14)
 
 
 def test_mean_and_sd_over_seeds():
