@@ -8,6 +8,7 @@ evaluate, keep the best.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -343,6 +344,29 @@ def train(cfg: DictConfig | Config) -> float:
         backend.end()
 
 
+@contextlib.contextmanager
+def heap_frozen_on_request():
+    """Yields ``freeze()``: from then until the block ends, the Python objects alive at that call sit in
+    the collector's permanent generation (``gc.freeze``).
+
+    The loop calls it after the first step. By then the imports, model and data have made ~450k
+    long-lived objects (10 unreachable among them at step 1 on MiniLM/MRPC), and each full
+    collection walked them all: ~270 ms, one every ~200-400 steps of MRPC (~1 ms a step). Frozen, a
+    full collection took 25 ms. Objects made later are collected as usual."""
+    frozen = []
+
+    def freeze() -> None:
+        if not frozen:
+            gc.freeze()
+            frozen.append(True)
+
+    try:
+        yield freeze
+    finally:
+        if frozen:
+            gc.unfreeze()
+
+
 def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = None) -> float:
     """The run itself, on a backend that is already set up; ``origin`` (a time and its name)
     is where the logged start-up time counts from (default: this call)."""
@@ -569,7 +593,7 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
     )
     model.train()
     parameters = list(model.parameters())  # walking the modules for them costs ~0.5 ms a step
-    with resume.StopSignal() as stop:
+    with resume.StopSignal() as stop, heap_frozen_on_request() as freeze_heap:
         while progress.epoch < t.epochs and progress.global_step < total_steps:
             epoch = progress.epoch
             shuffler.set_epoch(epoch)
@@ -605,6 +629,7 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
                 if startup_seconds is None:
                     startup_seconds = time.time() - started_at
                     log.info("first optimizer step done %.1f s after %s", startup_seconds, started_what)
+                    freeze_heap()
                 progress.global_step += 1
                 progress.step_in_epoch += 1
                 step = progress.global_step

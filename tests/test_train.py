@@ -224,3 +224,24 @@ def test_compile_mode_is_checked(make_cfg):
         validate(make_cfg(*TINY, "trainer.compile_mode=fastest"))
     with pytest.raises(ConfigError, match="data.pad_to_multiple_of must be >= 1 or null, got 0"):
         validate(make_cfg(*TINY, "data.pad_to_multiple_of=0"))
+
+
+def test_the_heap_freezes_on_request_until_the_block_ends():
+    """The loop freezes the objects alive after its first step out of full collections, and only for the run."""
+    import gc
+
+    from engine.loop import heap_frozen_on_request
+
+    assert gc.get_freeze_count() == 0
+    with heap_frozen_on_request() as freeze:
+        assert gc.get_freeze_count() == 0
+        freeze()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        freeze()  # once
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), heap_frozen_on_request() as freeze:
+        freeze()
+        raise RuntimeError("a failed run")
+    assert gc.get_freeze_count() == 0
