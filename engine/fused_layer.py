@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from engine import native_gelu, native_softmax
-from engine.attention import additive_mask
+from engine.attention import FAST_DROPOUT_ATTENTION, additive_mask
 from engine.bf16_weights import training_forward
 from engine.errors import EngineError
 from engine.fast_dropout import FastDropout, _zero, keep_bits, keep_multiplier
@@ -43,6 +43,15 @@ from engine.first_token import FirstTokenLayer, swap_class
 from engine.fused_inference import FoldedActivation, _is_exact_gelu
 
 SETTING = "trainer.fused_layers"
+# Self-attention classes whose arithmetic is the engine's attention: scaled dot products of plain
+# query/key/value projections (no relative or rotary positions), as in the first-token heads' models.
+SELF_ATTENTION = {
+    "BertSelfAttention",
+    "RobertaSelfAttention",
+    "XLMRobertaSelfAttention",
+    "CamembertSelfAttention",
+    "ElectraSelfAttention",
+}
 _BF16 = torch.bfloat16
 _OTHER_INPUTS = ("encoder_attention_mask", "cache", "past_key_values", "past_key_value")  # none is fused
 
@@ -171,9 +180,7 @@ class FusedLayer(nn.Module):
             params = self._fused_params(hidden_states)
         if params is None:
             return super().forward(hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
-        plan = self.__dict__.get("_plan")
-        if plan is None:
-            plan = self.__dict__["_plan"] = _Plan(self)
+        plan = _Plan(self)  # read each time, as the modules read their dropout rates
         batch, length, _ = hidden_states.shape
         bias = additive_mask(attention_mask, (batch, plan.heads, length, length), _BF16, fold=False)
         if bias is not None and (bias.stride(-1) != 1 or bias.data_ptr() % 2):
@@ -185,15 +192,19 @@ class FusedLayer(nn.Module):
         forward can be fused; else None."""
         if not (self.training and training_forward(h) and h.dtype == torch.float32 and h.is_contiguous()):
             return None
-        if not (native_gelu.active() and native_softmax.fused_attention()):
-            return None
         attention, out = self.attention, self.output
+        if not (
+            native_gelu.active()
+            and native_softmax.fused_attention()
+            and getattr(attention.self.config, "_attn_implementation", None) == FAST_DROPOUT_ATTENTION
+        ):
+            return None  # the modules' attention is not the engine's (eager, say): theirs runs
         dropouts = (attention.self.dropout, attention.output.dropout, out.dropout)
         if not all(type(d) is FastDropout and d.training and 0.0 < d.p < 1.0 for d in dropouts):
             return None
         hidden = h.shape[-1]
         heads = attention.self.num_attention_heads
-        if hidden % heads or (hidden // heads) % 2 or h.shape[1] == 0:
+        if hidden % heads or (hidden // heads) % 2 or h.numel() == 0:
             return None
         linears = (
             attention.self.query,
@@ -208,7 +219,34 @@ class FusedLayer(nn.Module):
             return None
         (wq, bq), (wk, bk), (wv, bv), (wo, bo), (wi, bi), (wout, bout) = copies
         norm1, norm2 = attention.output.LayerNorm, out.LayerNorm
-        return [wq, bq, wk, bk, wv, bv, wo, bo, norm1.weight, norm1.bias, wi, bi, wout, bout, norm2.weight, norm2.bias]
+        params = [
+            wq,
+            bq,
+            wk,
+            bk,
+            wv,
+            bv,
+            wo,
+            bo,
+            norm1.weight,
+            norm1.bias,
+            wi,
+            bi,
+            wout,
+            bout,
+            norm2.weight,
+            norm2.bias,
+        ]
+        return params if all(p.requires_grad for p in params) else None  # a frozen part: the modules
+
+
+def _transformers_class(module: nn.Module) -> str | None:
+    """The name of the transformers class ``module`` computes as: its own, or the one under the engine's
+    mix-ins (evaluation-only ones, such as the fused query/key/value); None for any other class."""
+    for cls in type(module).__mro__:
+        if not cls.__module__.startswith("engine."):
+            return cls.__name__ if cls.__module__.startswith("transformers.") else None
+    return None
 
 
 def fusable(layer: nn.Module) -> bool:
@@ -222,11 +260,12 @@ def fusable(layer: nn.Module) -> bool:
     except AttributeError:
         return False
     return (
-        not isinstance(layer, FirstTokenLayer)
+        _transformers_class(attention.self) in SELF_ATTENTION
+        and not isinstance(layer, FirstTokenLayer)
         and not getattr(layer, "add_cross_attention", False)
         and not getattr(layer, "is_decoder", False)
         and getattr(layer, "chunk_size_feed_forward", 0) == 0
-        and all(type(p) is nn.Linear or isinstance(p, nn.Linear) for p in (*parts, intermediate.dense, out.dense))
+        and all(isinstance(p, nn.Linear) for p in (*parts, intermediate.dense, out.dense))
         and all(isinstance(n, nn.LayerNorm) and n.elementwise_affine and n.bias is not None for n in norms)
         and _is_exact_gelu(act.activation if isinstance(act, FoldedActivation) else act)
         and hasattr(attention.self, "num_attention_heads")

@@ -174,6 +174,15 @@ def test_it_steps_aside_where_it_cannot_compute_the_layer(libraries):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fused(h, mask, None)
         native_gelu.use_native_gelu(True)
+        config = fused.attention.self.config
+        implementation, config._attn_implementation = config._attn_implementation, "eager"
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the modules' attention is not the engine's
+            fused(h, mask, None)
+        config._attn_implementation = implementation
+        fused.output.LayerNorm.weight.requires_grad_(False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a frozen parameter
+            fused(h, mask, None)
+        fused.output.LayerNorm.weight.requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fused(h, mask, None)
     finally:
@@ -214,3 +223,29 @@ def test_a_bf16_training_run_is_the_same_with_it_and_without(make_cfg, tmp_path)
     )
     assert len(runs["null"]) == len(runs["false"]) == 8
     assert runs["null"] == runs["false"]
+
+
+def test_only_layers_whose_attention_is_the_engines_are_fused(libraries):
+    """A layer of the same layout whose self-attention adds positions of its own (RoFormer's rotary ones)
+    keeps its modules."""
+    from transformers import RoFormerConfig, RoFormerModel
+
+    config = RoFormerConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        embedding_size=32,
+    )
+    layer = RoFormerModel(config).encoder.layer[0]
+    assert hasattr(layer.attention.self, "query")
+    assert not fused_layer.fusable(layer)
+    bert_layer = _model().bert.encoder.layer[0]
+    assert fused_layer.fusable(bert_layer)
+
+    class MySelfAttention(type(bert_layer.attention.self)):  # a subclass of one's own may compute otherwise
+        pass
+
+    bert_layer.attention.self.__class__ = MySelfAttention
+    assert not fused_layer.fusable(bert_layer)
