@@ -126,19 +126,39 @@ class _Layer(torch.autograd.Function):
             scale2 = 1.0 / (1.0 - plan.p_output)
             s2 = torch.add(_dropout(_linear(gelu, wout, bout).view(batch, length, hidden), keep2, scale2), h1)
             h2, mean2, rstd2 = torch.native_layer_norm(s2, (hidden,), g2, b2, plan.eps2)
+        # the parameters saved too, so that an in-place write before the backward is an error, as for the modules
         ctx.save_for_backward(
-            x, q4, k4, v4, bias, keep_a, weights, c, keep1, s1, mean1, rstd1, x1, i, gelu, keep2, s2, mean2, rstd2
+            x,
+            q4,
+            k4,
+            v4,
+            bias,
+            keep_a,
+            weights,
+            c,
+            keep1,
+            s1,
+            mean1,
+            rstd1,
+            x1,
+            i,
+            gelu,
+            keep2,
+            s2,
+            mean2,
+            rstd2,
+            *params,
         )
-        ctx.params = params
         ctx.scales = (plan.alpha, scale_a, scale1, scale2)
         return h2
 
     @staticmethod
     def backward(ctx, grad):
-        x, q4, k4, v4, bias, keep_a, weights, c, keep1, s1, mean1, rstd1, x1, i, gelu, keep2, s2, mean2, rstd2 = (
-            ctx.saved_tensors
-        )
-        wq, _, wk, _, wv, _, wo, _, g1, b1, wi, _, wout, _, g2, b2 = ctx.params
+        saved = ctx.saved_tensors
+        x, q4, k4, v4, bias, keep_a, weights, c, keep1, s1, mean1, rstd1, x1, i, gelu, keep2, s2, mean2, rstd2 = saved[
+            :19
+        ]
+        wq, _, wk, _, wv, _, wo, _, g1, b1, wi, _, wout, _, g2, b2 = saved[19:]
         alpha, scale_a, scale1, scale2 = ctx.scales
         batch, heads, length, head_dim = q4.shape
         rows, hidden = x.shape

@@ -249,3 +249,15 @@ def test_only_layers_whose_attention_is_the_engines_are_fused(libraries):
 
     bert_layer.attention.self.__class__ = MySelfAttention
     assert not fused_layer.fusable(bert_layer)
+
+
+def test_a_parameter_written_before_the_backward_is_an_error(libraries):
+    """As for the modules: autograd's version check on what the backward reads."""
+    _, fused = _pair()
+    h, mask, grad = _inputs(2, 5, 64, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(h.clone().requires_grad_(), mask, None)
+    with torch.no_grad():
+        fused.attention.self.key.__dict__["bf16_copies"][0].tensor.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward(grad)
