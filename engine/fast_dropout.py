@@ -112,12 +112,18 @@ class _ApplyMask(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.addcmul(_zero(x), x, keep, value=scale)
+        return apply_keep(x, keep, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return torch.addcmul(_zero(grad), grad, keep, value=ctx.scale), None, None
+        return apply_keep(grad, keep, ctx.scale), None, None
+
+
+def apply_keep(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x * keep * scale`` in one ``addcmul`` (scaled in float32, rounded to ``x``'s dtype): a 0/1 mask
+    applied to an activation forward or to its gradient backward."""
+    return torch.addcmul(_zero(x), x, keep, value=scale)
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

@@ -38,7 +38,7 @@ from engine import native_gelu, native_softmax
 from engine.attention import FAST_DROPOUT_ATTENTION, additive_mask
 from engine.bf16_weights import training_forward
 from engine.errors import EngineError
-from engine.fast_dropout import FastDropout, _zero, keep_bits, keep_multiplier
+from engine.fast_dropout import FastDropout, apply_keep, keep_bits, keep_multiplier
 from engine.first_token import FirstTokenLayer, swap_class
 from engine.fused_inference import FoldedActivation, _is_exact_gelu
 
@@ -84,11 +84,6 @@ def _linear_backward(grad2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor
     return torch.mm(grad2, weight), torch.mm(grad2.t(), x2), grad2.sum(0, keepdim=True).view(grad2.shape[1])
 
 
-def _dropout(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """:class:`engine.fast_dropout._ApplyMask`'s product, forward or backward."""
-    return torch.addcmul(_zero(x), x, keep, value=scale)
-
-
 def _input_gradient(residual: torch.Tensor, *casts: torch.Tensor) -> torch.Tensor:
     """The layer input's gradient: its four uses summed in float32 as autograd's engine reaches them, the
     residual first, then the value, key and query casts (the last-made node first). Each bf16 addend
@@ -117,14 +112,14 @@ class _Layer(torch.autograd.Function):
             c = out.view(rows, hidden)
             keep1 = keep_multiplier((batch, length, hidden), plan.p_hidden, _BF16)
             scale1 = 1.0 / (1.0 - plan.p_hidden)
-            s1 = torch.add(_dropout(_linear(c, wo, bo).view(batch, length, hidden), keep1, scale1), h)
+            s1 = torch.add(apply_keep(_linear(c, wo, bo).view(batch, length, hidden), keep1, scale1), h)
             h1, mean1, rstd1 = torch.native_layer_norm(s1, (hidden,), g1, b1, plan.eps1)
             x1 = h1.to(_BF16).view(rows, hidden)
             i = _linear(x1, wi, bi)
             gelu = native_gelu._forward(i)
             keep2 = keep_multiplier((batch, length, hidden), plan.p_output, _BF16)
             scale2 = 1.0 / (1.0 - plan.p_output)
-            s2 = torch.add(_dropout(_linear(gelu, wout, bout).view(batch, length, hidden), keep2, scale2), h1)
+            s2 = torch.add(apply_keep(_linear(gelu, wout, bout).view(batch, length, hidden), keep2, scale2), h1)
             h2, mean2, rstd2 = torch.native_layer_norm(s2, (hidden,), g2, b2, plan.eps2)
         # the parameters saved too, so that an in-place write before the backward is an error, as for the modules
         ctx.save_for_backward(
@@ -165,13 +160,13 @@ class _Layer(torch.autograd.Function):
         norm = torch.ops.aten.native_layer_norm_backward
         with torch.autocast("cpu", enabled=False):
             ds2, dg2, db2 = norm(grad, s2, (hidden,), mean2, rstd2, g2, b2, (True, True, True))
-            do = _dropout(ds2.to(_BF16), keep2, scale2).view(rows, hidden)
+            do = apply_keep(ds2.to(_BF16), keep2, scale2).view(rows, hidden)
             dgelu, dwout, dbout = _linear_backward(do, gelu, wout)
             di = native_gelu._backward(dgelu, i).view(rows, -1)
             dx1, dwi, dbi = _linear_backward(di, x1, wi)
             # ds2 + dx1.float() in one pass: the bf16 addend widens exactly inside the float32 add
             ds1, dg1, db1 = norm(torch.add(ds2, dx1.view(ds2.shape)), s1, (hidden,), mean1, rstd1, g1, b1, (True,) * 3)
-            da = _dropout(ds1.to(_BF16), keep1, scale1).view(rows, hidden)
+            da = apply_keep(ds1.to(_BF16), keep1, scale1).view(rows, hidden)
             dc, dwo, dbo = _linear_backward(da, c, wo)
             dq, dk, dv = native_softmax.attention_backward(
                 q4, k4, v4, bias, keep_a, weights, dc.view(batch, length, heads, head_dim), alpha, scale_a
@@ -203,9 +198,7 @@ class FusedLayer(nn.Module):
         plan = _Plan(self)  # read each time, as the modules read their dropout rates
         batch, length, _ = hidden_states.shape
         bias = additive_mask(attention_mask, (batch, plan.heads, length, length), _BF16, fold=False)
-        if bias is not None and (bias.stride(-1) != 1 or bias.data_ptr() % 2):
-            bias = bias.contiguous()
-        return _Layer.apply(hidden_states, bias, plan, *params)
+        return _Layer.apply(hidden_states, native_softmax.library_bias(bias), plan, *params)
 
     def _fused_params(self, h: torch.Tensor) -> list[torch.Tensor] | None:
         """The layer's 16 parameters in :class:`_Layer`'s order (the linears' bf16 copies), where this

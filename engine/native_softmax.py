@@ -329,9 +329,15 @@ def attention_dropout(
     (:func:`engine.fast_dropout.keep_bits`). Returns ``(batch, length, heads, head dim)``, contiguous."""
     batch, heads, n, _ = query.shape
     keep = keep_bits(batch * heads * n * n, p)
+    return _Attention.apply(query, key, value, library_bias(bias), keep, alpha, 1.0 / (1.0 - p))
+
+
+def library_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """An additive attention bias as the library reads it: unit last stride, 2-byte aligned (a copy
+    only where it is not)."""
     if bias is not None and (bias.stride(-1) != 1 or bias.data_ptr() % 2):
-        bias = bias.contiguous()
-    return _Attention.apply(query, key, value, bias, keep, alpha, 1.0 / (1.0 - p))
+        return bias.contiguous()
+    return bias
 
 
 def _attention_matches() -> bool:
