@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 import engine.config  # noqa: F401  (registers the schemas with Hydra)
-from engine.loop import user_errors
+from engine.errors import user_errors
 from engine.predict import predict_cli
 
 

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.clip_in_step import StepScaleClipper
 from engine.config import BackendConfig, BackendName, MixedPrecision
 from engine.model import unwrap
 
@@ -100,7 +99,6 @@ class ManualBackend:
         self._dtype = _autocast_dtype(self.mixed_precision)
         self._scaler = torch.amp.GradScaler(self.device.type) if self.mixed_precision == MixedPrecision.fp16 else None
         self._optimizers: list[_ScaledOptimizer] = []
-        self._clipper: StepScaleClipper | None = None
 
     def prepare(self, *objects: Any) -> tuple[Any, ...]:
         prepared = []
@@ -127,14 +125,7 @@ class ManualBackend:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._dtype)
 
-    def clip_in_step(self, optimizer: torch.optim.Optimizer) -> StepScaleClipper:
-        """``trainer.clip_in_step``: later clips leave their multiply to ``optimizer``'s fused step."""
-        self._clipper = StepScaleClipper(optimizer)
-        return self._clipper
-
     def clip_grad_norm_(self, parameters: Any, max_norm: float) -> torch.Tensor:
-        if self._clipper is not None:
-            return self._clipper.clip_grad_norm_(parameters, max_norm)
         for optimizer in self._optimizers:
             if not optimizer.unscaled:
                 self._scaler.unscale_(optimizer.optimizer)  # type: ignore[union-attr]

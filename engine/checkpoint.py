@@ -269,3 +269,19 @@ def load_state_part(folder: Path, name: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(f"{path}: not a safe, complete state file ({type(error).__name__}: {error})") from None
+
+
+def locate(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(weights, info)`` for a run directory, a ``.pth`` file or its ``.json``."""
+    path = Path(path)
+    if path.is_dir():
+        weights, info = path / BEST_WEIGHTS, path / BEST_INFO
+    elif path.suffix == ".json":
+        weights, info = path.with_suffix(".pth"), path
+    else:
+        weights, info = path, path.with_suffix(".json")
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint not found: {weights}")
+    if not info.is_file():
+        raise CheckpointError(f"{weights}: the description {info.name} is missing beside it")
+    return weights, info

@@ -139,81 +139,27 @@ class TrainerConfig:
     # A non-finite loss or gradient: skip the step, or stop the run. Too many skips stop it too.
     on_nonfinite: NonFinite = NonFinite.skip
     max_nonfinite: int = 10
-    # torch.compile the encoder. Batches are then padded to multiples of data.pad_to_multiple_of
-    # (32 when null), so each length bucket compiles once instead of every new batch length.
+
+
+@dataclass
+class SpeedupsConfig:
+    """The speed wing (engine/speedups/): each switch null = where the decision table says it
+    applies, true = on (an error where it cannot be), false = off. ``speedups=off`` sets all false."""
+
+    # Dropout masks from 16-bit slices of 64-bit random words (a quarter of the generator draws),
+    # attention dropout without SDPA's per-weight draws; the rate rounded to 1/65536. CPU training.
+    fast_dropout: bool | None = None
+    # The word-embedding gradient as touched rows added into one persistent buffer instead of a
+    # fresh zero-filled table each step. Single-process CPU training.
+    sparse_embedding_grad: bool | None = None
+    # The last encoder layer computes only the first ([CLS]) token, the only one a BERT-family
+    # classification head reads: the same logits and gradients with fewer FLOPs. CPU.
+    first_token_last_layer: bool | None = None
+    # torch.compile the encoder (opt-in); batches are padded to multiples of data.pad_to_multiple_of
+    # (32 when null) so each length bucket compiles once.
     compile: bool = False
     compile_backend: str = "inductor"
     compile_mode: str | None = None  # null | default | reduce-overhead | max-autotune
-    # Dropout masks from 16-bit slices of 64-bit random words (a quarter of the generator draws)
-    # and attention dropout without SDPA's per-weight Bernoulli draws; the drop rate is rounded
-    # to 1/65536. null: on for CPU training without compile (1.15x the bf16 samples/s here,
-    # benchmarks/); CUDA's own dropout is already fused.
-    fast_dropout: bool | None = None
-    # Fast dropout's masks from a compiled counter-based generator (Threefry-2x32-20, the C file
-    # engine/native/keep_mask.c built with the system C compiler into ~/.cache/engine/native on
-    # first use), one pass per mask keyed by one draw of torch's generator. null: on with fast
-    # dropout where it builds (else torch's draws, with a warning); true: an error if it cannot.
-    native_masks: bool | None = None
-    # The attention softmax and its dropout in one compiled pass each way (engine/native/softmax.c,
-    # built like native_masks' library) for the engine's bf16 CPU attention, in training and
-    # evaluation. null: on for CPU runs without compile where it builds (else ATen's softmax, with
-    # a warning); true: an error if it cannot be built.
-    native_softmax: bool | None = None
-    # The whole bf16 CPU training attention (dropout on) in native_softmax's library, per head in
-    # one call each way: both products, the softmax and its dropout, forward and backward, on the
-    # linear layers' own layout with the dropout mask as bits (engine/native/softmax.c). The same bits
-    # as ATen's products around the native softmax: the library checks that on a small problem
-    # when first used, and keeps ATen's products where it differs (a CPU whose bf16 products are
-    # not oneDNN's AVX-512 BF16 dot products). null: on with native_softmax where the CPU has
-    # AVX-512 BF16 and the check passes; true: an error where it cannot be on.
-    native_attention: bool | None = None
-    # The feed-forward's exact GELU on bf16 CPU tensors from tables of ATen's own values over the
-    # 65536 bf16 inputs (engine/native/gelu.c, built like native_masks' library): forward bit for bit
-    # ATen's. null: on for CPU runs without compile where it builds; true: an error if it cannot.
-    native_gelu: bool | None = None
-    # A BERT encoder layer's whole training forward and backward as one autograd node
-    # (engine/fused_layer.py): the same kernels, mask draws and gradient sums as the modules under
-    # bf16 autocast, so the same bits, with one node and no module calls where there were ~60 and ~20.
-    # null: on where the layer's parts run on fast_dropout, native_attention, native_gelu and
-    # bf16_weights; true: an error where one of them is off.
-    fused_layers: bool | None = None
-    # The word-embedding gradient as touched rows added into one persistent dense buffer instead of
-    # a fresh zero-filled table each backward (page faults on the CPU). null: on for single-process
-    # CPU training without compile; true needs a single process (DDP reduces dense gradients).
-    sparse_embedding_grad: bool | None = None
-    # Evaluation under CPU bf16 autocast: each linear layer's bias, and the feed-forward GELU, inside
-    # one oneDNN matmul call, query/key/value as one product, and attention as batched bf16 matmuls
-    # (training forwards are untouched).
-    # null: on where the CPU has native bf16 (1.09x, then 1.06x for the attention, the median eval
-    # samples/s over ten whole MRPC evaluations, interleaved A/B).
-    fused_inference: bool | None = None
-    # The last encoder layer computes only the first token, the one a BERT-family classification
-    # head reads (its keys and values still see every token): the same logits and gradients with
-    # 14% fewer matmul FLOPs for MiniLM. null: on for the supported heads (engine/first_token.py);
-    # true on another model is an error.
-    first_token_last_layer: bool | None = None
-    # Evaluation under fused inference without the padding positions in the per-token work: the
-    # real tokens as one matrix through every linear, LayerNorm and GELU, padded only inside
-    # attention (engine/packed_inference.py): the same logits, 13% fewer matmul rows on MRPC dev.
-    # null: on where fused inference is on, for the first_token_last_layer heads; true elsewhere is an error.
-    packed_inference: bool | None = None
-    # Gradient clipping's multiply done inside the fused AdamW step (its grad_scale), saving a
-    # pass over every gradient. null: on for CPU training on the manual backend with a fused
-    # optimizer and no fp16 scaler (engine/clip_in_step.py); true where it cannot apply is an error.
-    clip_in_step: bool | None = None
-    # The word embedding's AdamW step by rows (engine/native/adamw_rows.c): rows that never had a
-    # gradient (both moments exactly 0) take only the weight decay multiply, the others the fused
-    # AdamW arithmetic; the same results as the fused step bit for bit. With the sparse embedding
-    # gradient, that multiply waits until the row is read (looked up, listed by a step, saved).
-    # null: on for CPU training with a fused AdamW and no fp16 scaler where it builds; true where it
-    # cannot apply is an error.
-    native_embedding_adamw: bool | None = None
-    # The linear layers train on bf16 copies of their weights and biases (no autocast casts forward
-    # or back), stepped from the bf16 gradients into float32 masters by engine/native/adamw_bf16.c;
-    # the same weights bit for bit for a given clip factor (their clipping norm is summed in double).
-    # null: on for CPU bf16 training on the manual backend with a fused AdamW, clip_in_step and one
-    # micro-batch a step, where it builds; true where it cannot apply is an error.
-    bf16_weights: bool | None = None
 
 
 @dataclass
@@ -236,6 +182,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    speedups: SpeedupsConfig = field(default_factory=SpeedupsConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     seed: int = 42
     # Where the run writes its files; null: Hydra's run directory.
@@ -362,10 +309,6 @@ def validate(cfg: DictConfig) -> Config:
         t.max_grad_norm is None or t.max_grad_norm > 0,
         f"trainer.max_grad_norm must be > 0 or null, got {t.max_grad_norm}",
     )
-    check(
-        not (t.native_masks is True and t.fast_dropout is False),
-        "trainer.native_masks=true draws fast dropout's masks, but trainer.fast_dropout=false",
-    )
     check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     check(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
@@ -379,10 +322,11 @@ def validate(cfg: DictConfig) -> Config:
         d.pad_to_multiple_of is None or d.pad_to_multiple_of >= 1,
         f"data.pad_to_multiple_of must be >= 1 or null, got {d.pad_to_multiple_of}",
     )
+    s = typed.speedups
     check(
-        t.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-        "trainer.compile_mode must be null, default, reduce-overhead, max-autotune or "
-        f"max-autotune-no-cudagraphs, got {t.compile_mode!r}",
+        s.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        "speedups.compile_mode must be null, default, reduce-overhead, max-autotune or "
+        f"max-autotune-no-cudagraphs, got {s.compile_mode!r}",
     )
     check(d.quoting in ("minimal", "none"), f"data.quoting must be 'minimal' or 'none', got {d.quoting!r}")
     check(
@@ -417,4 +361,6 @@ def validate(cfg: DictConfig) -> Config:
         check(ok, f"loss.class_weights must be null, 'balanced' or a list of non-negative numbers, got {weights!r}")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    if s.compile and d.pad_to_multiple_of is None:
+        d.pad_to_multiple_of = 32  # one compiled graph per 32-token length bucket, not per length
     return typed

@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -177,13 +178,12 @@ def load_tokenizer(model: ModelConfig):
         raise _offline_hint(source, error) from None
 
 
-def build_model(
-    model: ModelConfig,
-    num_labels: int,
-    id2label: dict[int, str],
-    problem_type: ProblemType,
-    class_weights: Sequence[float] | None = None,
-) -> ClassifierWithLoss:
+def build_hf_model(
+    model: ModelConfig, num_labels: int, id2label: dict[int, str], problem_type: ProblemType
+) -> torch.nn.Module:
+    """The transformers ``*ForSequenceClassification`` model that ``model`` describes, with this
+    label space: pretrained weights from ``model.source`` where ``model.pretrained``, else random.
+    Training builds its model here, and prediction the architecture a checkpoint was trained with."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     check_hub_reachable(model.source)
@@ -206,15 +206,40 @@ def build_model(
             if hasattr(config, key):
                 setattr(config, key, model.dropout)
     extra = {"attn_implementation": model.attn_implementation} if model.attn_implementation else {}
-    if model.pretrained:
-        try:
-            hf_model = AutoModelForSequenceClassification.from_pretrained(model.source, config=config, **extra)
-        except Exception as error:
-            raise _offline_hint(model.source, error) from None
-    else:
-        hf_model = AutoModelForSequenceClassification.from_config(config, **extra)
+    if not model.pretrained:
+        return AutoModelForSequenceClassification.from_config(config, **extra)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(model.source, config=config, **extra)
+    except Exception as error:
+        raise _offline_hint(model.source, error) from None
+
+
+def build_model(
+    model: ModelConfig,
+    num_labels: int,
+    id2label: dict[int, str],
+    problem_type: ProblemType,
+    class_weights: Sequence[float] | None = None,
+) -> ClassifierWithLoss:
+    """The classifier with the weighted loss in its ``forward``, around :func:`build_hf_model`'s model."""
+    hf_model = build_hf_model(model, num_labels, id2label, problem_type)
     weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
     return ClassifierWithLoss(hf_model, problem_type, weights)
+
+
+def build_classifier(config: Any, data: Any) -> ClassifierWithLoss:
+    """The run's classifier from ``config`` (model, loss) and the read data (its label space and
+    training label counts): class weights resolved, multi-label output bias set from the priors."""
+    labels = data.labels
+    weights = resolve_class_weights(
+        config.loss.class_weights, data.train_label_counts, labels.problem_type, len(data.train)
+    )
+    if weights is not None:
+        log.info("class weights: %s", [round(w, 4) for w in weights])
+    model = build_model(config.model, labels.num_labels, labels.id2label, labels.problem_type, weights)
+    if config.model.init_bias_from_priors and init_bias_from_priors(model, data.train_label_counts, len(data.train)):
+        log.info("output bias initialised to the labels' log prior odds (multi-label, no pos_weight)")
+    return model
 
 
 def init_bias_from_priors(model: ClassifierWithLoss, label_counts: Sequence[int], n_samples: int) -> bool:
@@ -255,3 +280,23 @@ def unwrap(model: nn.Module) -> nn.Module:
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The transformers model's own ``state_dict``, on CPU, whatever wraps it."""
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def load_hf_model(weights_path: Path, info: dict[str, Any]) -> torch.nn.Module:
+    """The checkpoint's architecture (its JSON's model config, random weights) with its weights,
+    loaded safely and strictly."""
+    import dataclasses
+
+    from engine.checkpoint import check_state_dict, load_weights
+
+    saved = info.get("config", {}).get("model", {})
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    described = ModelConfig(**{k: v for k, v in saved.items() if k in known})
+    described.source, described.pretrained = info["model_source"], False
+    described.config_overrides = dict(described.config_overrides or {})
+    id2label = {int(k): v for k, v in info["id2label"].items()}
+    model = build_hf_model(described, info["num_labels"], id2label, info["problem_type"])
+    state = load_weights(weights_path)
+    check_state_dict(model, state, weights_path)
+    model.load_state_dict(state, strict=True)
+    return model

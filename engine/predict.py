@@ -14,60 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.checkpoint import BEST_INFO, BEST_WEIGHTS, CheckpointError, check_state_dict, load_info, load_weights
+from engine.checkpoint import CheckpointError, load_info, locate
 from engine.config import ProblemType
-from engine.first_token import enable_first_token_last_layer, last_layer
 from engine.metrics import sigmoid, softmax
+from engine.model import load_hf_model
 
 
 @dataclass
 class Prediction:
     label: str | list[str]  # the top label, or for multi-label the labels over their thresholds
     probabilities: dict[str, float] = field(default_factory=dict)
-
-
-def locate(path: str | os.PathLike) -> tuple[Path, Path]:
-    """``(weights, info)`` for a run directory, a ``.pth`` file or its ``.json``."""
-    path = Path(path)
-    if path.is_dir():
-        weights, info = path / BEST_WEIGHTS, path / BEST_INFO
-    elif path.suffix == ".json":
-        weights, info = path.with_suffix(".pth"), path
-    else:
-        weights, info = path, path.with_suffix(".json")
-    if not weights.is_file():
-        raise CheckpointError(f"checkpoint not found: {weights}")
-    if not info.is_file():
-        raise CheckpointError(f"{weights}: the description {info.name} is missing beside it")
-    return weights, info
-
-
-def build_hf_model(info: dict[str, Any]) -> torch.nn.Module:
-    """The architecture the checkpoint was trained with, from its JSON; weights are not loaded here."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    model_cfg = info.get("config", {}).get("model", {})
-    id2label = {int(k): v for k, v in info["id2label"].items()}
-    config = AutoConfig.from_pretrained(
-        info["model_source"],
-        num_labels=info["num_labels"],
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
-        problem_type=info["problem_type"],
-    )
-    for key, value in (model_cfg.get("config_overrides") or {}).items():
-        setattr(config, key, value)
-    attn = model_cfg.get("attn_implementation")
-    return AutoModelForSequenceClassification.from_config(config, **({"attn_implementation": attn} if attn else {}))
-
-
-def load_hf_model(weights_path: Path, info: dict[str, Any]) -> torch.nn.Module:
-    """The checkpoint's architecture with its weights, loaded safely and strictly."""
-    model = build_hf_model(info)
-    state = load_weights(weights_path)
-    check_state_dict(model, state, weights_path)
-    model.load_state_dict(state, strict=True)
-    return model
 
 
 class TextClassifier:
@@ -156,8 +112,6 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
         if key not in info:
             raise CheckpointError(f"{info_path}: missing key {key!r}")
     model = load_hf_model(weights_path, info)
-    if last_layer(model) is not None:  # the same logits, the last layer's work on the first token only
-        enable_first_token_last_layer(model)
     tokenizer = AutoTokenizer.from_pretrained(info.get("tokenizer") or info["model_source"])
     resolved = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,7 +133,7 @@ def predict_file(
 
     from engine.checkpoint import atomic_write
     from engine.config import DataConfig
-    from engine.data import DataError, read_table
+    from engine.sources import DataError, read_table
 
     trained = classifier.info.get("config", {}).get("data", {})
     text_column = text_column or trained.get("text_column")

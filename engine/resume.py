@@ -200,3 +200,18 @@ class StopSignal:
     @property
     def exit_code(self) -> int:
         return self.CODES.get(self.received, 1) if self.received else 0
+
+
+def restore(
+    folder: Path, backend: Any, config: dict[str, Any], hf_model: torch.nn.Module, optimizer: Any, scheduler: Any
+) -> tuple[Progress, dict[str, Any]]:
+    """Load a state into the fresh (transformers) model, optimizer and schedule; returns the progress and the
+    state's other parts (``extra`` tensors, this rank's ``rng``: restore that last, right before
+    the first step, so the resumed run draws the same dropout masks as the uninterrupted one)."""
+    progress, parts = load(folder, backend, config)
+    checkpoint.check_state_dict(hf_model, parts[checkpoint.MODEL_KEY], folder)
+    hf_model.load_state_dict(parts[checkpoint.MODEL_KEY])
+    optimizer.load_state_dict(parts[checkpoint.OPTIMIZER_KEY])
+    scheduler.load_state_dict(parts[checkpoint.SCHEDULER_KEY])
+    log.info("resuming from %s: epoch %d, step %d", folder, progress.epoch, progress.global_step)
+    return progress, parts

@@ -57,7 +57,7 @@ def record_failure(job_dir: Path, error: BaseException | str, overrides: list[st
 def hydra_job(train: Callable[[Any], float], cfg: Any) -> float:
     """What ``@hydra.main`` runs: one clear error for a single run; for a sweep job, skip it if it
     already finished in this sweep dir, and record a failure instead of stopping the sweep."""
-    from engine.loop import user_errors
+    from engine.errors import user_errors
 
     if not _is_multirun():
         with user_errors():

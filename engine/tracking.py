@@ -237,3 +237,42 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  files in {summary['run_dir']}: {', '.join(summary['files'])}",
     ]
     return "\n".join(lines)
+
+
+class LineProgress:
+    """The progress bar's place where stderr is no terminal (a log file, CI): one plain line
+    every ``interval`` seconds and at the end, instead of carriage-return redraws."""
+
+    def __init__(self, total: int, initial: int = 0, interval: float = 30.0, clock: Any = None) -> None:
+        import time
+
+        self.total, self.n, self.interval = total, initial, interval
+        self.postfix = ""
+        self._clock = clock or time.monotonic
+        self._started = self._last = self._clock()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._clock() - self._last >= self.interval:
+            self._write()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def _write(self) -> None:
+        self._last = now = self._clock()
+        elapsed = now - self._started
+        line = f"train: {self.n}/{self.total} steps ({100 * self.n / max(self.total, 1):.0f}%) {elapsed:.0f} s"
+        print(line + (f" | {self.postfix}" if self.postfix else ""), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self._write()
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    """tqdm on a terminal, :class:`LineProgress` elsewhere, and a silent one when not ``enabled``."""
+    from tqdm.auto import tqdm
+
+    if enabled and not sys.stderr.isatty():
+        return LineProgress(total, initial)
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, mininterval=0.5, disable=not enabled)

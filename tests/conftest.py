@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each, also in the processes they start,
+    # so that OpenMP threads do not spin against each other (set before torch is imported).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -46,9 +49,6 @@ def make_cfg(tmp_path, token_cache):
 
     return _make
 
-
-# A test that builds a native library itself.
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
 # A fast tiny run: 2-layer random BERT, MRPC slices.
 TINY = (
@@ -106,11 +106,10 @@ class PicklePayload:
         return (os.system, (f"touch {self.target}",))
 
 
-def assert_same_training(run: Path, reference: Path, evaluations: int) -> None:
+def assert_same_training(run: Path, reference: Path, evaluations: int, weights_atol: float = 1e-5) -> None:
     """Two runs of one config that differ in a lever meant to change no result: the same number of
     evaluations with the same dev losses (1e-4) and accuracies, and the same best-checkpoint keys
-    and weights (1e-5)."""
-    import json
+    and weights (``weights_atol``)."""
 
     import torch
 
@@ -126,79 +125,17 @@ def assert_same_training(run: Path, reference: Path, evaluations: int) -> None:
     reference_weights = torch.load(reference / "best_acc_classify.pth")
     assert saved.keys() == reference_weights.keys()
     for key in saved:
-        assert torch.allclose(saved[key], reference_weights[key], atol=1e-5), key
+        assert torch.allclose(saved[key], reference_weights[key], atol=weights_atol), key
 
 
-@pytest.fixture(autouse=True)
-def _torch_masks_between_tests():
-    """A run enables the compiled dropout masks, softmax and GELU for its process; each test starts without them."""
-    from engine import native_gelu, native_masks, native_softmax
-
-    native_masks.use_native_masks(False, False)
-    native_softmax.use_native_softmax(False)
-    native_gelu.use_native_gelu(False)
-    yield
-    native_masks.use_native_masks(False, False)
-    native_softmax.use_native_softmax(False)
-    native_gelu.use_native_gelu(False)
-
-
-def native_on_and_off(make_cfg, tmp_path, setting: str, logged: str, *extra: str) -> dict[str, list[float]]:
-    """A tiny fast-dropout training run (more overrides: ``extra``) with ``trainer.<setting>`` null (the
-    default) and false: the step losses of each; asserts that only the null run's log has ``logged``."""
+def speedup_on_and_off(make_cfg, tmp_path: Path, name: str, *overrides: str) -> tuple[Path, Path]:
+    """Two runs with ``overrides``: ``speedups=off`` with only ``speedups.<name>=true``, and
+    ``speedups=off``; returns their run dirs, having checked that each log names what it applied."""
     from engine.loop import train
 
-    runs = {}
-    for value in ("null", "false"):
-        out = tmp_path / value
-        train(make_cfg(*TINY, "trainer.fast_dropout=true", *extra, f"trainer.{setting}={value}", output_dir=out))
-        steps = [json.loads(line) for line in (out / "train_steps.jsonl").read_text().splitlines()]
-        runs[value] = [step["loss"] for step in steps]
-        assert (logged in (out / "train.log").read_text()) == (value == "null")
-    return runs
-
-
-def native_library(module):
-    """A native library module's (``SOURCE``, ``FLAGS``, ``load``) built and loaded library; the test is
-    skipped without a C compiler."""
-    import shutil
-
-    from engine import native_masks
-
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
-    return module.load(native_masks.build(source=module.SOURCE, flags=module.FLAGS))
-
-
-def assert_no_compiler_handled(monkeypatch, tmp_path, caplog, use, setting: str, instead: str) -> None:
-    """With no C compiler, ``use(True)`` (a native library's setting true) is an error naming
-    ``setting``; ``use(None)`` returns (None, None) with a warning saying what the run does ``instead``."""
-    from engine.errors import EngineError
-
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    with pytest.raises(EngineError, match=f"{setting}: could not run the C compiler"):
-        use(True)
-    assert use(None) == (None, None)
-    assert instead in caplog.text
-
-
-def assert_broken_build_refused(module, old: str, new: str, folder: Path, match: str) -> None:
-    """A native library module (``SOURCE``, ``FLAGS``, ``load``): a build of its C file with ``old``
-    replaced by ``new`` (the headers it may include copied beside it) refuses to load, ``match``ing."""
-    import shutil
-
-    from engine import native_masks
-    from engine.errors import EngineError
-
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
-    text = module.SOURCE.read_text()
-    assert old in text, f"{module.SOURCE.name} no longer has {old!r}"
-    for header in module.SOURCE.parent.glob("*.h"):
-        shutil.copy(header, folder)
-    broken = folder / module.SOURCE.name
-    broken.write_text(text.replace(old, new))
-    path = native_masks.build(folder / "cache", source=broken, flags=module.FLAGS)
-    with pytest.raises(EngineError, match=match):
-        module.load(path)
+    on, off = tmp_path / name, tmp_path / "off"
+    train(make_cfg(*overrides, "speedups=off", f"speedups.{name}=true", output_dir=on))
+    train(make_cfg(*overrides, "speedups=off", output_dir=off))
+    assert f"speed-ups: {name}\n" in (on / "train.log").read_text()
+    assert "speed-ups: none\n" in (off / "train.log").read_text()
+    return on, off

@@ -8,25 +8,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from engine.config import DataConfig, ProblemType, bundled_minilm_path
 from engine.data import (
-    DataError,
     EpochShuffleSampler,
     LengthGroupedBatchSampler,
-    TokenColumns,
-    build_label_space,
-    encode_labels,
     eval_loader,
     load_data,
     make_collator,
-    read_raw_splits,
     restore_order,
     row_order,
-    train_loader,
 )
+from engine.sources import DataError, build_label_space, encode_labels, read_raw_splits
 
 ROOT = Path(__file__).resolve().parent.parent
 MRPC = ROOT / "data" / "mrpc"
@@ -236,7 +230,8 @@ def test_eval_loader_sorted_or_in_file_order(tokenizer, tmp_path):
 
 def test_collator_pads_to_the_bucket(tokenizer, tmp_path):
     bundle = load_data(mrpc_config(max_train_samples=10, max_eval_samples=37, cache_dir=str(tmp_path)), tokenizer)
-    widths = {b["input_ids"].shape[1] for b in eval_loader(bundle.eval, 8, make_collator(tokenizer, mrpc_config(), 32))}
+    bucket = make_collator(tokenizer, mrpc_config(pad_to_multiple_of=32))
+    widths = {b["input_ids"].shape[1] for b in eval_loader(bundle.eval, 8, bucket)}
     assert widths <= {32, 64, 96, 128} and widths
     eight = make_collator(tokenizer, mrpc_config(pad_to_multiple_of=8))
     assert all(b["input_ids"].shape[1] % 8 == 0 for b in eval_loader(bundle.eval, 8, eight))
@@ -245,72 +240,3 @@ def test_collator_pads_to_the_bucket(tokenizer, tmp_path):
     assert all(b["input_ids"].shape[1] % 8 == 0 for b in default)
     exact = eval_loader(bundle.eval, 8, make_collator(tokenizer, mrpc_config(pad_to_multiple_of=1)))
     assert all(b["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max()) for b in exact)
-
-
-def _transformers_batch(tokenizer, rows: list[dict], multiple: int) -> dict:
-    from transformers import DataCollatorWithPadding
-
-    return dict(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, return_tensors="pt")(rows))
-
-
-def _assert_same_batches(ours: dict, theirs: dict) -> None:
-    assert ours.keys() == theirs.keys()
-    for key in theirs:
-        assert ours[key].dtype == theirs[key].dtype, key
-        assert torch.equal(ours[key], theirs[key]), key
-
-
-@pytest.mark.parametrize("multiple", [1, 8, 32])
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_the_fast_collator_gives_the_transformers_collators_batches(tokenizer, tmp_path, multiple, side):
-    """Rows fetched from the flat columns and padded with NumPy: the same keys, dtypes and values as
-    DataCollatorWithPadding over the data set's own rows (sentence pairs: token_type_ids too)."""
-    bundle = load_data(mrpc_config(max_train_samples=200, cache_dir=str(tmp_path)), tokenizer)
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = side
-    try:
-        collator = make_collator(tokenizer, mrpc_config(), multiple)
-        columns = TokenColumns(bundle.train)
-        generator = np.random.default_rng(0)
-        for size in (1, 5, 16):
-            indices = generator.choice(200, size, replace=False).tolist()
-            theirs = _transformers_batch(tokenizer, [bundle.train[i] for i in indices], multiple)
-            _assert_same_batches(collator(columns.__getitems__(indices)), theirs)
-            assert [columns[i] for i in indices] == [bundle.train[i] for i in indices]
-        # and the loaders use it: a training batch is the transformers collator's batch of its rows
-        loader, _ = train_loader(bundle.train, 16, 0, collator)
-        assert isinstance(loader.dataset, TokenColumns)
-        indices = next(iter(loader.batch_sampler))
-        theirs = _transformers_batch(tokenizer, [bundle.train[i] for i in indices], multiple)
-        _assert_same_batches(next(iter(loader)), theirs)
-    finally:
-        tokenizer.padding_side = padding_side
-
-
-def test_the_fast_collator_stacks_multi_hot_labels_as_the_transformers_one(tokenizer, tmp_path):
-    (tmp_path / "train.jsonl").write_text(
-        "\n".join(
-            json.dumps({"text": f"text number {i} " * (1 + i % 4), "labels": ["a", "b", "c"][: 1 + i % 3]})
-            for i in range(12)
-        )
-    )
-    config = DataConfig(
-        train_file=str(tmp_path / "train.jsonl"), validation_file=str(tmp_path / "train.jsonl"), format="jsonl",
-        text_column="text", label_column="labels", problem_type=ProblemType.multi_label_classification, cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
-    bundle = load_data(config, tokenizer)
-    columns, collator = TokenColumns(bundle.train), make_collator(tokenizer, config)
-    theirs = _transformers_batch(tokenizer, [bundle.train[i] for i in range(12)], 8)
-    ours = collator(columns.__getitems__(list(range(12))))
-    assert ours["labels"].dtype == torch.float32 and ours["labels"].shape == (12, 3)
-    _assert_same_batches(ours, theirs)
-
-
-def test_token_columns_refuse_a_column_a_batch_cannot_stack(tokenizer):
-    import datasets
-
-    ragged = datasets.Dataset.from_dict({"input_ids": [[101, 102], [101, 7, 102]], "labels": [[1], [0, 1]]})
-    with pytest.raises(DataError, match="column 'labels'.*rows of different lengths"):
-        TokenColumns(ragged)
-    with pytest.raises(DataError, match="token lists in 'input_ids'"):
-        TokenColumns(datasets.Dataset.from_dict({"text": ["a"], "labels": [1]}))

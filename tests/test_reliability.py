@@ -61,18 +61,16 @@ def _run(args: list[str], tmp_path: Path, launcher: list[str] | None = None, **k
     )
 
 
-def test_resume_after_a_hard_kill_is_bit_exact(tmp_path):
+def test_resume_after_a_hard_kill_is_bit_exact(tmp_path, make_cfg):
     common = [*RUN, f"data.cache_dir={tmp_path}/cache"]
-    clean = _run([str(ROOT / "train.py"), *common, f"hydra.run.dir={tmp_path}/clean"], tmp_path)
-    assert clean.returncode == 0, clean.stderr[-3000:]
+    train(make_cfg(*common, output_dir=tmp_path / "clean"))  # the reference run, in this process
     killed = _run([HELPER, "--exit-after-step", "14", *common, f"hydra.run.dir={tmp_path}/killed"], tmp_path)
     assert killed.returncode == 1  # os._exit: no clean-up ran
     assert [s["step"] for s in _steps(tmp_path / "killed")][-1] == 13  # killed inside step 14
     # Step 10 ended epoch 0 (80 rows / 8), 12 is the last save every 3 steps; 13-14 are lost, not more.
     folder, _ = checkpoint.latest_state(tmp_path / "killed")
     assert folder.name == "step_00000012"
-    resumed = _run([str(ROOT / "train.py"), *common, f"hydra.run.dir={tmp_path}/killed", "resume=auto"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    train(make_cfg(*common, "resume=auto", output_dir=tmp_path / "killed"))
     assert "resuming from" in (tmp_path / "killed" / "train.log").read_text()
     _assert_same_run(tmp_path / "clean", tmp_path / "killed")
 
@@ -95,7 +93,7 @@ def test_resume_on_two_gloo_processes_is_bit_exact(tmp_path):
     _assert_same_run(tmp_path / "clean", tmp_path / "killed")
 
 
-def test_sigterm_saves_a_complete_state_and_exits_143_then_resumes_exactly(tmp_path):
+def test_sigterm_saves_a_complete_state_and_exits_143_then_resumes_exactly(tmp_path, make_cfg):
     common = [
         *TINY,
         "trainer.epochs=3",
@@ -103,8 +101,7 @@ def test_sigterm_saves_a_complete_state_and_exits_143_then_resumes_exactly(tmp_p
         "trainer.batch_size=8",
         f"data.cache_dir={tmp_path}/cache",
     ]
-    clean = _run([str(ROOT / "train.py"), *common, f"hydra.run.dir={tmp_path}/clean"], tmp_path)
-    assert clean.returncode == 0, clean.stderr[-3000:]
+    train(make_cfg(*common, output_dir=tmp_path / "clean"))  # the reference run, in this process
     run = tmp_path / "term"
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *common, f"hydra.run.dir={run}"],
@@ -129,8 +126,7 @@ def test_sigterm_saves_a_complete_state_and_exits_143_then_resumes_exactly(tmp_p
     assert folder is not None and not warnings
     stopped_at = json.loads((folder / checkpoint.PROGRESS_FILE).read_text())["progress"]["global_step"]
     assert 60 <= stopped_at < 150  # mid-run: 50 steps an epoch, 3 epochs
-    resumed = _run([str(ROOT / "train.py"), *common, f"hydra.run.dir={run}", f"resume={run}"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    train(make_cfg(*common, f"resume={run}"))
     _assert_same_run(tmp_path / "clean", run)
 
 

@@ -11,10 +11,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from engine.config import DataConfig, ProblemType, bundled_minilm_path
-from engine.data import DataError, load_data, read_raw_splits
+from engine.data import load_data
 from engine.loop import train
 from engine.metrics import compute_metrics, tune_thresholds
 from engine.predict import load_classifier
+from engine.sources import DataError, read_raw_splits
 from tests.conftest import ROOT, TINY
 
 GOEMOTIONS = ROOT.parent / "shared" / "data" / "goemotions"
@@ -117,7 +118,7 @@ def test_goemotions_loader_counts_and_multi_hot():
     assert len(typed.data.label_names) == 28 and typed.data.label_names[27] == "neutral"
     raw = read_raw_splits(typed.data, ["train", "validation", "test"])
     assert [len(raw[s].texts) for s in ("train", "validation", "test")] == [43410, 5426, 5427]
-    from engine.data import build_label_space, encode_labels, label_counts
+    from engine.sources import build_label_space, encode_labels, label_counts
 
     space = build_label_space(raw["train"].labels, typed.data)
     hot = encode_labels(raw["train"].labels, space, "train")

@@ -142,3 +142,21 @@ def test_wandb_missing_package_is_a_clear_error_only_when_asked(make_cfg, monkey
     with pytest.raises(EngineError, match="wandb package is not installed"):
         train(make_cfg(*TINY, "trainer.max_steps=1", "logger=[jsonl,wandb]"))
     train(make_cfg(*TINY, "trainer.max_steps=1"))  # not asked for: no error
+
+
+def test_progress_without_a_terminal_is_a_line_every_interval(capsys, monkeypatch):
+    """Output to a file or pipe: no carriage-return redraws, one plain line per interval and one at the end."""
+    from engine.tracking import LineProgress, progress_bar
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    assert isinstance(progress_bar(10, 0, enabled=True), LineProgress)
+    now = [0.0]
+    bar = LineProgress(10, interval=30.0, clock=lambda: now[0])
+    for _ in range(5):
+        now[0] += 10.0  # 10 s a step: a line at 30 s only
+        bar.update(1)
+    bar.set_postfix(loss="0.5")
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["train: 3/10 steps (30%) 30 s", "train: 5/10 steps (50%) 50 s | loss=0.5"]
+    assert "\r" not in "".join(lines)

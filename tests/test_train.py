@@ -156,7 +156,7 @@ def test_sorted_evaluation_returns_predictions_in_file_order(tmp_path):
     from engine.backend import ManualBackend
     from engine.config import BackendConfig, MixedPrecision, ProblemType
     from engine.data import eval_loader, load_data, make_collator, row_order
-    from engine.loop import evaluate
+    from engine.evaluation import evaluate
     from tests.test_data import mrpc_config
     from tests.test_model import tiny
 
@@ -188,7 +188,7 @@ def test_sorted_evaluation_returns_predictions_in_file_order(tmp_path):
 
 def test_fused_adamw_wherever_torch_has_it(make_cfg):
     from engine.config import OptimConfig
-    from engine.loop import build_optimizer
+    from engine.optim import build_optimizer
 
     layer = torch.nn.Linear(4, 2)
     assert build_optimizer(layer, OptimConfig(), torch.device("cpu")).defaults["fused"] is True
@@ -196,15 +196,17 @@ def test_fused_adamw_wherever_torch_has_it(make_cfg):
 
 
 def test_compiled_run_keeps_a_plain_checkpoint_and_bucketed_shapes(make_cfg, tmp_path):
-    """trainer.compile=true: the encoder is compiled in place, batches padded to length buckets, and
+    """speedups.compile=true: the encoder is compiled in place, batches padded to length buckets, and
     best_acc_classify.pth has the plain transformers keys (no _orig_mod.)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     # The "eager" dynamo backend traces like inductor does but skips code generation: fast enough here.
-    train(make_cfg(*TINY, "trainer.compile=true", "trainer.compile_backend=eager", "data.pad_to_multiple_of=16"))
+    train(make_cfg(*TINY, "speedups.compile=true", "speedups.compile_backend=eager", "data.pad_to_multiple_of=16"))
     run = tmp_path / "run"
     log_text = (run / "train.log").read_text()
-    assert "torch.compile (backend eager): batches padded to multiples of 16" in log_text
+    assert "torch.compile (backend eager): up to 8 length buckets of 16 tokens" in log_text
+    # the dropout and embedding-gradient speed-ups step aside for a compiled model
+    assert "speed-ups: first_token_last_layer, compile" in log_text
     state = torch.load(run / "best_acc_classify.pth", weights_only=True)
     assert not any("_orig_mod" in key for key in state)
     info = json.loads((run / "best_acc_classify.json").read_text())
@@ -220,28 +222,8 @@ def test_compiled_run_keeps_a_plain_checkpoint_and_bucketed_shapes(make_cfg, tmp
 def test_compile_mode_is_checked(make_cfg):
     from engine.config import ConfigError, validate
 
-    with pytest.raises(ConfigError, match="trainer.compile_mode must be .* got 'fastest'"):
-        validate(make_cfg(*TINY, "trainer.compile_mode=fastest"))
+    with pytest.raises(ConfigError, match="speedups.compile_mode must be .* got 'fastest'"):
+        validate(make_cfg(*TINY, "speedups.compile_mode=fastest"))
+    assert validate(make_cfg(*TINY, "speedups.compile=true")).data.pad_to_multiple_of == 32
     with pytest.raises(ConfigError, match="data.pad_to_multiple_of must be >= 1 or null, got 0"):
         validate(make_cfg(*TINY, "data.pad_to_multiple_of=0"))
-
-
-def test_the_heap_freezes_on_request_until_the_block_ends():
-    """The loop freezes the objects alive after its first step out of full collections, and only for the run."""
-    import gc
-
-    from engine.loop import heap_frozen_on_request
-
-    assert gc.get_freeze_count() == 0
-    with heap_frozen_on_request() as freeze:
-        assert gc.get_freeze_count() == 0
-        freeze()
-        frozen = gc.get_freeze_count()
-        assert frozen > 0
-        freeze()  # once
-        assert gc.get_freeze_count() == frozen
-    assert gc.get_freeze_count() == 0
-    with pytest.raises(RuntimeError), heap_frozen_on_request() as freeze:
-        freeze()
-        raise RuntimeError("a failed run")
-    assert gc.get_freeze_count() == 0

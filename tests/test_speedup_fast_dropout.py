@@ -1,5 +1,5 @@
-"""trainer.fast_dropout: packed masks keep nn.Dropout's semantics (rate, scaling, gradient, seeding),
-and eval/checkpoints are untouched (the attention path: tests/test_attention.py)."""
+"""speedups.fast_dropout: packed masks keep nn.Dropout's semantics (rate, scaling, gradient, seeding),
+the attention computes the formula with the same mask, eval and checkpoints are untouched."""
 
 from __future__ import annotations
 
@@ -9,21 +9,23 @@ import pytest
 import torch
 from torch import nn
 
-from engine.attention import FAST_DROPOUT_ATTENTION as ATTENTION_NAME
-from engine.fast_dropout import (
+from engine.model import plain_state_dict
+from engine.speedups.fast_dropout import ATTENTION as ATTENTION_NAME
+from engine.speedups.fast_dropout import (
     FastDropout,
+    attention,
     drop_threshold,
-    enable_fast_dropout,
     fast_dropout,
     keep_lanes,
-    keep_mask,
     keep_multiplier,
-    use_fast_dropout,
 )
-from engine.loop import train
-from engine.model import plain_state_dict
-from tests.conftest import TINY
+from engine.speedups.fast_dropout import enable as enable_fast_dropout
+from tests.conftest import TINY, speedup_on_and_off
 from tests.test_model import batch, tiny
+
+
+def keep_mask(shape, p):
+    return keep_multiplier(shape, p).bool()
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -105,27 +107,58 @@ def test_model_swap_keeps_eval_logits_and_checkpoint_keys():
     assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
 
 
-def test_default_is_on_for_eager_cpu_training_only():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert use_fast_dropout(None, cpu) and not use_fast_dropout(None, cuda)
-    assert not use_fast_dropout(None, cpu, compiled=True)
-    assert not use_fast_dropout(False, cpu) and use_fast_dropout(True, cpu, compiled=True)
-
-
 def _dev(run_dir):
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
 
 
 def test_training_with_fast_dropout_matches_native_dropout_within_tolerance(make_cfg, tmp_path):
     common = (*TINY, "data.max_train_samples=128", "trainer.epochs=2", "model.dropout=0.1")
-    train(make_cfg(*common, "trainer.fast_dropout=true", output_dir=tmp_path / "fast"))
-    train(make_cfg(*common, "trainer.fast_dropout=false", output_dir=tmp_path / "native"))
-    log = (tmp_path / "fast" / "train.log").read_text()
-    assert f"fast dropout: 8 dropout modules, attention {ATTENTION_NAME}" in log
-    assert "fast dropout" not in (tmp_path / "native" / "train.log").read_text()
-    fast, native = _dev(tmp_path / "fast"), _dev(tmp_path / "native")
+    fast_run, native_run = speedup_on_and_off(make_cfg, tmp_path, "fast_dropout", *common)
+    fast, native = _dev(fast_run), _dev(native_run)
     # different masks, same distribution: the tiny model lands in the same place
     assert fast["loss"] == pytest.approx(native["loss"], abs=0.05)
     assert abs(fast["accuracy"] - native["accuracy"]) <= 3 / fast["samples"]
-    state = torch.load(tmp_path / "fast" / "best_acc_classify.pth")
+    state = torch.load(fast_run / "best_acc_classify.pth")
     assert not any("dropout" in key for key in state)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_training_attention_is_the_formula_with_the_same_mask(mask_kind):
+    """softmax(q k^T * scale + mask) dropped with keep_multiplier's draw, times v: output and gradients."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    batch, heads, length, dim = 2, 3, 7, 8
+    q, k, v = (torch.randn(batch, heads, length, dim, requires_grad=True) for _ in range(3))
+    keep_cols = torch.ones(batch, length, dtype=torch.bool)
+    keep_cols[0, 5:] = False
+    mask = {"none": None, "bool": keep_cols[:, None, None, :]}.get(mask_kind)
+    if mask_kind == "additive":
+        mask = torch.zeros(batch, 1, 1, length).masked_fill(
+            ~keep_cols[:, None, None, :], torch.finfo(torch.float32).min
+        )
+    module = SimpleNamespace(training=True, is_causal=False)
+    torch.manual_seed(5)
+    out, _ = attention(module, q, k, v, mask, dropout=0.25, scaling=0.5)
+    torch.manual_seed(5)
+    keep = keep_multiplier((batch * heads, length, length), 0.25).view(batch, heads, length, length)
+    scores = q @ k.transpose(-1, -2) * 0.5
+    if mask is not None:
+        bias = (
+            mask
+            if mask.dtype != torch.bool
+            else torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        )
+        scores = scores + bias
+    want = ((torch.softmax(scores, -1) * keep / 0.75) @ v).transpose(1, 2)
+    assert out.shape == (batch, length, heads, dim)
+    assert torch.allclose(out, want, atol=1e-5)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    wanted = torch.autograd.grad(want.sum(), (q, k, v))
+    for got, expected in zip(grads, wanted, strict=True):
+        assert torch.allclose(got, expected, atol=1e-5)
+    # evaluation (no dropout): transformers' SDPA function itself
+    module.training = False
+    with torch.no_grad():
+        plain, _ = attention(module, q, k, v, mask, dropout=0.0, scaling=0.5)
+        assert torch.allclose(plain, (torch.softmax(scores, -1) @ v).transpose(1, 2), atol=1e-5)

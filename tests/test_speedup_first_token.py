@@ -1,10 +1,9 @@
-"""trainer.first_token_last_layer: the last layer computes only the token the head reads;
+"""speedups.first_token_last_layer: the last layer computes only the token the head reads;
 logits, gradients and checkpoint keys are those of the full model; unsupported models are named."""
 
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -18,12 +17,11 @@ from transformers import (
 )
 from transformers.models.bert.modeling_bert import BertLayer
 
-from engine.errors import EngineError
-from engine.fast_dropout import enable_fast_dropout
-from engine.first_token import FirstTokenLayer, enable_first_token_last_layer, last_layer, use_first_token_last_layer
-from engine.loop import train
 from engine.predict import load_classifier
-from tests.conftest import TINY
+from engine.speedups.fast_dropout import enable as enable_fast_dropout
+from engine.speedups.first_token import FirstTokenLayer, last_layer
+from engine.speedups.first_token import enable as enable_first_token_last_layer
+from tests.conftest import TINY, assert_same_training, speedup_on_and_off
 
 SIZES = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 64}
 
@@ -109,43 +107,53 @@ def test_fast_dropout_attention_takes_the_one_query_row():
         assert torch.allclose(model(**_inputs()).logits, reference(**_inputs()).logits, atol=1e-6)
 
 
-def test_setting_null_true_false_and_the_unsupported_model_error():
-    bert, _ = _pair(BertForSequenceClassification, BertConfig)
+def test_unsupported_models_are_left_whole():
     distil = DistilBertForSequenceClassification(
         DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
     )
-    assert use_first_token_last_layer(None, bert) and use_first_token_last_layer(True, bert)
-    assert not use_first_token_last_layer(False, bert)
-    assert not use_first_token_last_layer(None, distil) and not use_first_token_last_layer(False, distil)
-    with pytest.raises(EngineError, match=r"first_token_last_layer=true: DistilBertForSequenceClassification is not"):
-        use_first_token_last_layer(True, distil)
+    assert last_layer(distil) is None and enable_first_token_last_layer(distil) is None
     decoder = BertForSequenceClassification(BertConfig(vocab_size=100, is_decoder=True, **SIZES))
     assert last_layer(decoder) is None  # causal attention and a key/value cache: left whole
 
 
+def test_a_two_dimensional_mask_reaches_the_attention_whole(monkeypatch):
+    """Flash attention takes the padding mask as (batch, keys), without query rows: the layer must
+    pass it on unsliced, and the first token still attends to every real key only."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers.models.bert import modeling_bert
+
+    seen = []
+
+    def two_d_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        seen.append(None if attention_mask is None else tuple(attention_mask.shape))
+        bias = None
+        if attention_mask is not None:  # (batch, keys), 1 = attend
+            bias = torch.zeros(attention_mask.shape).masked_fill(attention_mask == 0, torch.finfo(torch.float32).min)
+            bias = bias[:, None, None, :]
+        return modeling_bert.eager_attention_forward(module, query, key, value, bias, dropout=dropout, scaling=scaling)
+
+    AttentionInterface.register("two_d_test", two_d_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("two_d_test", flash_attention_mask)
+    full, first = _pair(BertForSequenceClassification, BertConfig, attn="eager")
+    for model in (full, first):
+        model.config._attn_implementation = "two_d_test"
+    inputs = _inputs()
+    with torch.inference_mode():
+        want, have = full(**inputs).logits, first(**inputs).logits
+    assert (5, 11) in seen and all(shape is None or len(shape) == 2 for shape in seen)
+    assert torch.allclose(have, want, atol=1e-6)
+
+
 def test_training_with_it_equals_training_without(make_cfg, tmp_path):
     common = (*TINY, "data.max_train_samples=96", "trainer.epochs=2", "model.dropout=0.0")
-    train(make_cfg(*common, "trainer.first_token_last_layer=true", output_dir=tmp_path / "first"))
-    train(make_cfg(*common, "trainer.first_token_last_layer=false", output_dir=tmp_path / "full"))
-    assert "first-token last layer: FirstTokenBertLayer" in (tmp_path / "first" / "train.log").read_text()
-    assert "first-token last layer" not in (tmp_path / "full" / "train.log").read_text()
-
-    def evals(run):
-        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-
-    for a, b in zip(evals("first"), evals("full"), strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
-        assert a["accuracy"] == b["accuracy"]
-    saved = torch.load(tmp_path / "first" / "best_acc_classify.pth")
-    reference = torch.load(tmp_path / "full" / "best_acc_classify.pth")
-    assert saved.keys() == reference.keys()
-    for key in saved:
-        assert torch.allclose(saved[key], reference[key], atol=1e-4), key
-    # the checkpoint loads into the plain transformers class; prediction gives its logits
-    classifier = load_classifier(tmp_path / "first")
+    first, full = speedup_on_and_off(make_cfg, tmp_path, "first_token_last_layer", *common)
+    assert_same_training(first, full, evaluations=2, weights_atol=1e-4)
+    # the checkpoint loads into the plain transformers class; prediction gives the swapped layer's logits
+    classifier = load_classifier(first)
+    assert not isinstance(last_layer(classifier.model), FirstTokenLayer)  # prediction is the plain model
     plain = copy.deepcopy(classifier.model)
-    assert isinstance(last_layer(plain), FirstTokenLayer)  # prediction takes it too
-    plain.bert.encoder.layer[-1].__class__ = BertLayer
+    enable_first_token_last_layer(plain)
     texts = ["a short one", "a somewhat longer sentence to classify here"]
     encoded = classifier.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.inference_mode():

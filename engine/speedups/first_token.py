@@ -1,4 +1,4 @@
-"""``trainer.first_token_last_layer``: the last encoder layer computes only the token the head reads.
+"""``speedups.first_token_last_layer``: the last encoder layer computes only the token the head reads.
 
 A ``*ForSequenceClassification`` head of the BERT family reads one position of the last
 hidden state: the first (``[CLS]`` / ``<s>``), through BERT's pooler or RoBERTa's and
@@ -37,7 +37,7 @@ FIRST_TOKEN_HEADS = {
 
 def attention_interface(attention: nn.Module):
     """The attention function the self-attention module would call (eager from the transformers
-    module that defines its class, also after the engine swapped the class for a subclass)."""
+    module that defines its class)."""
     import sys
 
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -52,7 +52,7 @@ class FirstTokenLayer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-            raise EngineError("trainer.first_token_last_layer: the last layer got a key/value cache")
+            raise EngineError("speedups.first_token_last_layer: the last layer got a key/value cache")
         attention = self.attention.self
         batch, length, _ = hidden_states.shape
         first = hidden_states[:, :1]
@@ -60,8 +60,9 @@ class FirstTokenLayer(nn.Module):
         query = attention.query(first).view(batch, 1, -1, head_size).transpose(1, 2)
         key = attention.key(hidden_states).view(batch, length, -1, head_size).transpose(1, 2)
         value = attention.value(hidden_states).view(batch, length, -1, head_size).transpose(1, 2)
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = attention_mask[..., :1, :]  # (batch, 1, queries, keys): the first query's row
+        # a 2-D (batch, keys) mask, as flash attention takes it, has no query rows to slice
         kwargs.pop("encoder_attention_mask", None)
         kwargs.pop("cache", None)
         out, _ = attention_interface(attention)(
@@ -76,17 +77,6 @@ class FirstTokenLayer(nn.Module):
         )
         attended = self.attention.output(out.reshape(batch, 1, -1).contiguous(), first)
         return self.feed_forward_chunk(attended)
-
-
-_MIXED: dict[tuple[type, type], type] = {}
-
-
-def mixed_class(mixin: type, base: type, prefix: str) -> type:
-    """``mixin`` over ``base``, named ``prefix + base.__name__``: one class per pair, made once (so
-    every swapped module shares it and ``type()`` comparisons agree). The engine's class swaps use it."""
-    if (mixin, base) not in _MIXED:
-        _MIXED[mixin, base] = type(f"{prefix}{base.__name__}", (mixin, base), {})
-    return _MIXED[mixin, base]
 
 
 def last_layer(hf_model: nn.Module) -> nn.Module | None:
@@ -109,30 +99,10 @@ def last_layer(hf_model: nn.Module) -> nn.Module | None:
     return layer
 
 
-def use_first_token_last_layer(setting: bool | None, hf_model: nn.Module) -> bool:
-    """``trainer.first_token_last_layer``: null means on wherever the model is supported;
-    true on an unsupported model is an error naming the supported ones."""
-    supported = last_layer(hf_model) is not None
-    if setting and not supported:
-        raise EngineError(
-            f"trainer.first_token_last_layer=true: {type(hf_model).__name__} is not a classifier whose head reads "
-            f"only the first token with a BERT-style encoder layer ({', '.join(FIRST_TOKEN_HEADS)}); "
-            "use null or false"
-        )
-    return supported if setting is None else bool(setting)
-
-
-def swap_class(module: nn.Module | None, mixin: type, prefix: str, missing: str) -> nn.Module:
-    """Mix ``mixin`` into ``module``'s class, in place and once (:func:`mixed_class`); returns the
-    module. No module (the model is not supported) is an :class:`EngineError` saying ``missing``."""
-    if module is None:
-        raise EngineError(missing)
-    if not isinstance(module, mixin):
-        module.__class__ = mixed_class(mixin, type(module), prefix)
-    return module
-
-
-def enable_first_token_last_layer(hf_model: nn.Module) -> nn.Module:
-    """Make the last encoder layer compute only the first token, in place; returns that layer."""
-    missing = f"{type(hf_model).__name__}: no supported last encoder layer"
-    return swap_class(last_layer(hf_model), FirstTokenLayer, "FirstToken", missing)
+def enable(hf_model: nn.Module) -> nn.Module | None:
+    """Make the last encoder layer compute only the first token, in place (its class becomes a
+    subclass with :class:`FirstTokenLayer`'s forward); returns that layer, None where unsupported."""
+    layer = last_layer(hf_model)
+    if layer is not None and not isinstance(layer, FirstTokenLayer):
+        layer.__class__ = type(f"FirstToken{type(layer).__name__}", (FirstTokenLayer, type(layer)), {})
+    return layer

@@ -1,0 +1,149 @@
+"""Evaluation: metrics over every sample of a loader, keeping the best checkpoint, and the
+evaluation-only run (``trainer.do_train=false checkpoint=...``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine import checkpoint, tracking
+from engine.config import Config, ProblemType
+from engine.data import eval_loader, load_data, make_collator, restore_order
+from engine.errors import EngineError
+from engine.metrics import compute_metrics, load_metric, per_class_report
+from engine.model import plain_state_dict
+
+log = logging.getLogger("engine.loop")
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module,
+    loader: Any,
+    backend: Any,
+    problem_type: ProblemType,
+    progress: bool = False,
+    order: np.ndarray | None = None,
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Loss and metrics over every sample of ``loader``, gathered from all processes exactly once.
+
+    Logits and labels come back in data set row order when ``order`` (:func:`engine.data.row_order`
+    of the unprepared loader) is given, whatever order the batches ran in.
+    """
+    from tqdm.auto import tqdm
+
+    classifier = backend.unwrap_model(model)
+    model.eval()
+    load_metric(problem_type)  # imported once per process (~1 s): outside the timing
+    started = time.perf_counter()
+    all_logits, all_labels = [], []
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not (progress and backend.is_main_process)):
+        batch = backend.to_device(batch)
+        with backend.autocast():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        all_logits.append(backend.gather_for_metrics(logits.float()))
+        all_labels.append(backend.gather_for_metrics(batch["labels"]))
+    logits = torch.cat(all_logits)
+    labels = torch.cat(all_labels)
+    loss = classifier.loss_from_logits(logits, labels)
+    logits_np, labels_np = logits.cpu().numpy(), labels.cpu().numpy()
+    if order is not None:
+        logits_np, labels_np = restore_order(order, logits_np, labels_np)
+    metrics = {"loss": float(loss), **compute_metrics(logits_np, labels_np, problem_type)}
+    metrics["samples"] = int(labels_np.shape[0])
+    metrics["samples_per_s"] = metrics["samples"] / max(time.perf_counter() - started, 1e-9)
+    model.train()
+    return metrics, logits_np, labels_np
+
+
+class BestKeeper:
+    """Evaluates on dev and keeps the best checkpoint: ``best_acc_classify.pth`` + ``.json``.
+
+    The best value and step live in the loop's ``progress`` (so a resumed run knows them); the
+    best evaluation's logits and labels are kept here for the thresholds and plots at the end.
+    """
+
+    def __init__(self, run_dir: Path, config: Config, backend: Any, labels: Any, describe: dict[str, Any]) -> None:
+        self.run_dir, self.config, self.backend, self.labels = run_dir, config, backend, labels
+        self.describe = describe  # what the .json says besides the metric and step
+        self.sign = 1.0 if config.trainer.greater_is_better else -1.0
+        self.predictions: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __call__(self, model, loader, order, progress, tracker, epoch: int) -> dict[str, float]:
+        t, step = self.config.trainer, progress.global_step
+        metrics, logits, gold = evaluate(model, loader, self.backend, self.labels.problem_type, t.progress, order)
+        if t.metric_for_best not in metrics:
+            raise EngineError(
+                f"trainer.metric_for_best={t.metric_for_best!r} is not computed; choose one of {sorted(metrics)}"
+            )
+        value = metrics[t.metric_for_best]
+        best = progress.best_value
+        # A non-finite metric, or non-finite weights (checked in save_best), never become "best".
+        improved = math.isfinite(value) and (best is None or self.sign * (value - best) > 0)
+        if improved and self.backend.is_main_process:
+            info = {**self.describe, "metric_name": t.metric_for_best, "metric_value": value, "metrics": metrics}
+            info.update(epoch=epoch, step=step)
+            checkpoint.save_best(self.run_dir, plain_state_dict(self.backend.unwrap_model(model)), info)
+        # Every rank computed the same metric from the same gathered predictions, so all agree.
+        if improved:
+            progress.best_value, progress.best_step, self.predictions = value, step, (logits, gold)
+        tracker.log("eval", {"epoch": epoch, **metrics, "best": progress.best_value, "is_best": improved}, step)
+        log.info("eval epoch %d step %d: %s%s", epoch, step, format_metrics(metrics), " (best)" if improved else "")
+        if self.backend.is_main_process:
+            report = per_class_report(logits, gold, self.labels.problem_type, self.labels.names)
+            tracking.append_per_class(self.run_dir, report, step)
+        progress.last_eval_step = step
+        self.backend.wait_for_everyone()
+        return metrics
+
+
+def evaluate_checkpoint(config: Config, backend: Any, run_dir: Path) -> float:
+    """``trainer.do_train=false checkpoint=...``: the training metric code on ``data.eval_split``."""
+    from transformers import AutoTokenizer
+
+    from engine.model import ClassifierWithLoss, load_hf_model
+
+    weights_path, info_path = checkpoint.locate(config.checkpoint)
+    info = checkpoint.load_info(info_path)
+    hf_model = load_hf_model(weights_path, info)
+    problem_type = ProblemType(info["problem_type"])
+    names = [info["id2label"][str(i)] for i in range(info["num_labels"])]
+    tokenizer = AutoTokenizer.from_pretrained(info.get("tokenizer") or info["model_source"])
+    config.data.problem_type = problem_type
+    with backend.main_process_first():
+        data = load_data(config.data, tokenizer, with_train=False, label_names=names)
+    loader = eval_loader(
+        data.eval,
+        config.trainer.eval_batch_size,
+        make_collator(tokenizer, config.data),
+        config.data.num_workers,
+        config.data.sort_eval_by_length,
+    )
+    model, loader = backend.prepare(ClassifierWithLoss(hf_model, problem_type), loader)
+    metrics, _, _ = evaluate(model, loader, backend, problem_type, config.trainer.progress)
+    result = {
+        "split": config.data.eval_split,
+        "source": data.sources["validation"],
+        "checkpoint": str(weights_path),
+        **metrics,
+    }
+    if backend.is_main_process:
+        checkpoint.atomic_write_json(run_dir / "eval_metrics.json", result)
+        eval_log = tracking.JsonlLogger(run_dir / tracking.EVAL_METRICS)
+        eval_log.log(result, int(info.get("step", 0)))
+        eval_log.close()
+    log.info("evaluated %s on %s: %s", weights_path, config.data.eval_split, format_metrics(metrics))
+    name = config.trainer.metric_for_best
+    if name not in metrics:
+        raise EngineError(f"trainer.metric_for_best={name!r} is not computed; choose one of {sorted(metrics)}")
+    return float(metrics[name])
