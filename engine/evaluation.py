@@ -26,6 +26,13 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
+def metric_for_best(metrics: dict[str, float], name: str) -> float:
+    """``metrics[name]``, or an error naming the metrics that were computed."""
+    if name not in metrics:
+        raise EngineError(f"trainer.metric_for_best={name!r} is not computed; choose one of {sorted(metrics)}")
+    return float(metrics[name])
+
+
 @torch.inference_mode()
 def evaluate(
     model: torch.nn.Module,
@@ -82,11 +89,7 @@ class BestKeeper:
     def __call__(self, model, loader, order, progress, tracker, epoch: int) -> dict[str, float]:
         t, step = self.config.trainer, progress.global_step
         metrics, logits, gold = evaluate(model, loader, self.backend, self.labels.problem_type, t.progress, order)
-        if t.metric_for_best not in metrics:
-            raise EngineError(
-                f"trainer.metric_for_best={t.metric_for_best!r} is not computed; choose one of {sorted(metrics)}"
-            )
-        value = metrics[t.metric_for_best]
+        value = metric_for_best(metrics, t.metric_for_best)
         best = progress.best_value
         # A non-finite metric, or non-finite weights (checked in save_best), never become "best".
         improved = math.isfinite(value) and (best is None or self.sign * (value - best) > 0)
@@ -143,7 +146,4 @@ def evaluate_checkpoint(config: Config, backend: Any, run_dir: Path) -> float:
         eval_log.log(result, int(info.get("step", 0)))
         eval_log.close()
     log.info("evaluated %s on %s: %s", weights_path, config.data.eval_split, format_metrics(metrics))
-    name = config.trainer.metric_for_best
-    if name not in metrics:
-        raise EngineError(f"trainer.metric_for_best={name!r} is not computed; choose one of {sorted(metrics)}")
-    return float(metrics[name])
+    return metric_for_best(metrics, config.trainer.metric_for_best)
