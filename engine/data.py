@@ -233,7 +233,8 @@ def load_data(
     if label_names is not None:
         space = LabelSpace(names=list(label_names), problem_type=data.problem_type)
     else:
-        space = build_label_space(raw["train"].labels if with_train else raw["validation"].labels, data)
+        labelled = raw["train"] if with_train else raw["validation"]
+        space = build_label_space(labelled.labels, data, f"{labelled.source}: column {data.label_column!r}")
     if space.num_labels < 1:
         raise DataError(f"{raw[next(iter(raw))].source}: no labels found in column {data.label_column!r}")
     encoded = {

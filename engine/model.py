@@ -7,6 +7,7 @@ model (no "Expected all tensors to be on the same device") and stay out of the s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -129,6 +130,34 @@ def _is_local(source: str) -> bool:
     return os.path.isdir(os.path.expanduser(source))
 
 
+def _looks_like_a_path(source: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else that is not a folder was meant as one."""
+    return source.startswith(("/", ".", "~")) or source.endswith("/") or source.count("/") > 1
+
+
+def refuse_custom_code(source: str) -> None:
+    """A model folder whose ``config.json`` or ``tokenizer_config.json`` maps classes to its own Python
+    (``auto_map``) is refused: this engine never runs code that comes with a model or a run."""
+    folder = Path(os.path.expanduser(source))
+    if not folder.is_dir():
+        if _looks_like_a_path(source):
+            raise ModelLoadError(f"model folder not found: {source}")
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            described = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelLoadError(f"{path}: not readable JSON ({error})") from None
+        if isinstance(described, dict) and described.get("auto_map"):
+            raise ModelLoadError(
+                f"{path}: refusing a model that ships its own code (auto_map {sorted(described['auto_map'])}); "
+                "this engine never runs code from a model folder (trust_remote_code=False)"
+            )
+
+
 def _offline_hint(source: str, error: Exception) -> ModelLoadError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ModelLoadError(
@@ -137,6 +166,16 @@ def _offline_hint(source: str, error: Exception) -> ModelLoadError:
         "all-MiniLM-L6-v2), model.source=<a local folder with config.json and weights>, or a model "
         "already in the Hugging Face cache with HF_HUB_OFFLINE=1."
     )
+
+
+def _load_error(source: str, error: Exception) -> ModelLoadError:
+    """transformers' refusal of a hub model's own code, said in one line; anything else: the offline hint."""
+    if "trust_remote_code" in str(error):
+        return ModelLoadError(
+            f"{source}: refusing a model that ships its own code; this engine never runs code from a model "
+            "(trust_remote_code=False)"
+        )
+    return _offline_hint(source, error)
 
 
 def check_hub_reachable(source: str, timeout: float = 3.0) -> None:
@@ -167,15 +206,17 @@ def check_hub_reachable(source: str, timeout: float = 3.0) -> None:
         raise _offline_hint(source, OSError(f"{endpoint.hostname} is unreachable ({error})")) from None
 
 
-def load_tokenizer(model: ModelConfig):
+def load_tokenizer(model: ModelConfig | str):
+    """The tokenizer of ``model`` (its ``tokenizer`` or ``source``), or of the folder or hub id given."""
     from transformers import AutoTokenizer
 
-    source = model.tokenizer or model.source
+    source = model if isinstance(model, str) else model.tokenizer or model.source
+    refuse_custom_code(source)
     check_hub_reachable(source)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as error:  # OSError, connection errors, ValueError from the hub client
-        raise _offline_hint(source, error) from None
+        raise _load_error(source, error) from None
 
 
 def build_hf_model(
@@ -186,17 +227,19 @@ def build_hf_model(
     Training builds its model here, and prediction the architecture a checkpoint was trained with."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    refuse_custom_code(model.source)
     check_hub_reachable(model.source)
     try:
         config = AutoConfig.from_pretrained(
             model.source,
+            trust_remote_code=False,
             num_labels=num_labels,
             id2label={int(k): v for k, v in id2label.items()},
             label2id={v: int(k) for k, v in id2label.items()},
             problem_type=ProblemType(problem_type).value,
         )
     except Exception as error:
-        raise _offline_hint(model.source, error) from None
+        raise _load_error(model.source, error) from None
     for key, value in model.config_overrides.items():
         if not hasattr(config, key):
             raise EngineError(f"model.config_overrides.{key}: {type(config).__name__} has no attribute {key!r}")
@@ -209,9 +252,11 @@ def build_hf_model(
     if not model.pretrained:
         return AutoModelForSequenceClassification.from_config(config, **extra)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(model.source, config=config, **extra)
+        return AutoModelForSequenceClassification.from_pretrained(
+            model.source, config=config, trust_remote_code=False, **extra
+        )
     except Exception as error:
-        raise _offline_hint(model.source, error) from None
+        raise _load_error(model.source, error) from None
 
 
 def build_model(

@@ -43,28 +43,122 @@ def _first_bad_utf8_line(path: Path) -> tuple[int, int]:
     return 0, 0
 
 
-def read_table(path: str | os.PathLike, data: DataConfig) -> pd.DataFrame:
-    """Read one local file into a DataFrame of strings (csv/tsv) or JSON values."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+# A quoted field spanning more lines than this, or this many times longer than every other value
+# of its column, is taken for a stray quote that swallowed the rows after it.
+MAX_FIELD_LINES = 10
+MAX_FIELD_RATIO = 4.0
+
+
+def file_format(path: Path, data: DataConfig) -> str:
     fmt = data.format or FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(
             f"{path}: cannot tell the format from the extension {path.suffix!r}; "
             "set data.format to one of csv, tsv, json, jsonl, parquet"
         )
+    return fmt
+
+
+def csv_options(fmt: str, data: DataConfig) -> dict[str, Any]:
+    """``pandas.read_csv`` options for a csv/tsv file: separator, quoting (null: none for tsv,
+    minimal for csv), every value a string, no header row when ``data.column_names`` or
+    ``data.header=false`` say so. Training and prediction read files with these."""
+    quoting = data.quoting or ("none" if fmt == "tsv" else "minimal")
+    return {
+        "sep": "\t" if fmt == "tsv" else ",",
+        "quoting": csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL,
+        "encoding": "utf-8-sig",  # tolerate a byte-order mark (GLUE's TSVs carry one)
+        "dtype": str,
+        "keep_default_na": False,  # only a missing field is missing: the word "nan" is text
+        "header": 0 if data.header and data.column_names is None else None,
+    }
+
+
+def _record_lines(path: Path, options: dict[str, Any]) -> list[tuple[int, int]]:
+    """(first line, last line) of each record after the header, as the csv module reads the file."""
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter=options["sep"], quoting=options["quoting"])
+        spans, end = [], 0
+        for _ in reader:
+            spans.append((end + 1, reader.line_num))
+            end = reader.line_num
+    return spans[1:] if options["header"] == 0 else spans
+
+
+def _header_names(path: Path, options: dict[str, Any]) -> list[str]:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        return next(csv.reader(handle, delimiter=options["sep"], quoting=options["quoting"]), [])
+
+
+def _check_fields_spanning_lines(path: Path, frame: pd.DataFrame, options: dict[str, Any]) -> None:
+    """A quoted field may legally span lines; report each one, and stop on one that looks like a
+    stray quote (many lines, or far longer than the rest of its column)."""
+    text = frame.astype(str)  # read with dtype=str: every column is text
+    spanning = text.apply(lambda column: column.str.contains("\n|\r", regex=True, na=False)).any(axis=1)
+    if not spanning.any():
+        return
+    spans = _record_lines(path, options)
+    if len(spans) != len(frame):
+        return  # the csv module reads the file otherwise than pandas: no line numbers to give
+    rows = list(np.flatnonzero(spanning.to_numpy()))
+    lengths = text.apply(lambda column: column.str.len()).fillna(0).to_numpy()
+    for row in rows:
+        first, last = spans[row]
+        others = np.delete(lengths, row, axis=0).max(axis=0) if len(frame) > 1 else lengths[row]
+        too_long = (lengths[row] > MAX_FIELD_RATIO * np.maximum(others, 250)).any()
+        if last - first + 1 > MAX_FIELD_LINES or too_long:
+            raise DataError(
+                f"{path}:{first}: a quoted field opened on this line runs to line {last} "
+                f"({last - first + 1} lines, {int(lengths[row].max())} characters): a stray or unclosed quote? "
+                "Fix the quoting, or read quotes as text with data.quoting=none"
+            )
+    where = ", ".join(f"{spans[r][0]}-{spans[r][1]}" for r in rows[:10])
+    log.warning(
+        "%s: %d row(s) have a quoted field that spans lines (lines %s%s); check the quoting if that is not meant",
+        *(path, len(rows), where, " ..." if len(rows) > 10 else ""),
+    )
+
+
+def _unclosed_quote_line(path: Path, options: dict[str, Any]) -> int:
+    """The line where the last record starts: where an unclosed quote ran to the end of the file."""
+    try:
+        spans = _record_lines(path, options)
+    except csv.Error:
+        return 0
+    return spans[-1][0] if spans else 0
+
+
+def _name_columns(path: Path, frame: pd.DataFrame, options: dict[str, Any], data: DataConfig) -> pd.DataFrame:
+    if data.column_names is not None:
+        if frame.shape[1] != len(data.column_names):
+            raise DataError(
+                f"{path}: data.column_names has {len(data.column_names)} names but the rows have "
+                f"{frame.shape[1]} fields"
+            )
+        frame.columns = list(data.column_names)
+    elif not data.header:
+        frame.columns = [str(i) for i in range(frame.shape[1])]
+    else:
+        names = _header_names(path, options)
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise DataError(f"{path}:1: the header repeats the column name(s) {repeated}; rename them")
+    return frame
+
+
+def read_table(path: str | os.PathLike, data: DataConfig) -> pd.DataFrame:
+    """Read one local file into a DataFrame of strings (csv/tsv) or JSON values."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    fmt = file_format(path, data)
+    options = csv_options(fmt, data) if fmt in ("csv", "tsv") else {}
     try:
         if fmt in ("csv", "tsv"):
-            frame = pd.read_csv(
-                path,
-                sep="\t" if fmt == "tsv" else ",",
-                quoting=csv.QUOTE_NONE if data.quoting == "none" else csv.QUOTE_MINIMAL,
-                encoding="utf-8-sig",  # tolerate a byte-order mark (GLUE's TSVs carry one)
-                dtype=str,
-                keep_default_na=False,
-                engine="c",
-            )
+            frame = pd.read_csv(path, engine="c", **options)
+            frame = _name_columns(path, frame, options, data)
+            if options["quoting"] != csv.QUOTE_NONE:
+                _check_fields_spanning_lines(path, frame, options)
         elif fmt in ("json", "jsonl"):
             lines = fmt == "jsonl" or _looks_like_jsonl(path)
             frame = pd.read_json(path, lines=lines, dtype=False, encoding="utf-8")
@@ -74,10 +168,19 @@ def read_table(path: str | os.PathLike, data: DataConfig) -> pd.DataFrame:
         line, column = _first_bad_utf8_line(path)
         raise DataError(f"{path}:{line}:{column}: not valid UTF-8 ({error.reason})") from None
     except pd.errors.ParserError as error:
+        if "EOF inside string" in str(error):
+            line = _unclosed_quote_line(path, options)
+            raise DataError(
+                f"{path}:{line}: a quote opened on this line is never closed; fix the quoting, "
+                "or read quotes as text with data.quoting=none"
+            ) from None
         raise DataError(f"{path}: cannot parse as {fmt}: {error}") from None
     except ValueError as error:
         raise DataError(f"{path}: cannot parse as {fmt}: {error}") from None
     frame.columns = [str(c) for c in frame.columns]
+    repeated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if repeated:
+        raise DataError(f"{path}: the column name(s) {repeated} appear more than once; rename them")
     return frame
 
 
@@ -137,7 +240,7 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def build_label_space(train_labels: Sequence[Any], data: DataConfig) -> LabelSpace:
+def build_label_space(train_labels: Sequence[Any], data: DataConfig, where: str = "the training labels") -> LabelSpace:
     """Decide the label names from the config or the training labels."""
     if data.label_names is not None:
         names = [str(n) for n in data.label_names]
@@ -148,8 +251,15 @@ def build_label_space(train_labels: Sequence[Any], data: DataConfig) -> LabelSpa
         numeric = sum(_as_int(v) is not None or _is_float(v) for v in values)
         if values and numeric >= len(values) / 2:
             # Mostly numeric labels are ids; negative, -100, float and stray names are reported by encode_labels.
-            ids = [i for i in (_as_int(v) for v in values) if i is not None and i >= 0]
+            ids = {i for i in (_as_int(v) for v in values) if i is not None and i >= 0}
             count = data.num_labels or (max(ids) + 1 if ids else 0)
+            gaps = sorted(set(range(count)) - ids)
+            if gaps and data.num_labels is None:
+                raise DataError(
+                    f"{where}: the label ids {sorted(ids)[:20]} leave gaps: {gaps[:20]}"
+                    f"{' ...' if len(gaps) > 20 else ''} never occur. If that is meant, declare the label space "
+                    f"(data.num_labels={count} or data.label_names=[...]); else fix the labels"
+                )
             names = [str(i) for i in range(count)]
         else:
             names = sorted({str(v).strip() for v in values})
@@ -290,24 +400,43 @@ def read_raw_splits(data: DataConfig, want: Sequence[str]) -> dict[str, RawSplit
                 f"{source}: no column {', '.join(repr(c) for c in missing)} "
                 f"(set data.text_column / data.text_pair_column / data.label_column); "
                 f"the file has columns {list(frame.columns)}"
+                + (
+                    "; if that is its first data row, the file has no header: set data.column_names=[...] "
+                    "or data.header=false (columns by index)"
+                    if data.header and data.column_names is None
+                    else ""
+                )
             )
         if len(frame) == 0:
             raise DataError(f"{source}: the {split} split is empty (no data rows)")
         limit = data.max_train_samples if split == "train" else data.max_eval_samples
         if limit is not None:
             frame = frame.iloc[:limit]
+        text_columns = [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
+        for column in text_columns:
+            check_texts(frame[column], source, column)
+        labels = frame[data.label_column]
+        null = np.flatnonzero(labels.isna().to_numpy())
+        if len(null):
+            raise DataError(
+                f"{source}: {len(null)} rows without a label in column {data.label_column!r} ({_rows(null)})"
+            )
         texts = frame[data.text_column].astype(str).tolist()
         pairs = frame[data.text_pair_column].astype(str).tolist() if data.text_pair_column else None
-        for column, values in ((data.text_column, texts), (data.text_pair_column, pairs)):
-            empty = [row for row, text in enumerate(values or []) if not text.strip() or text == "nan"]
-            if empty:
-                rows = ", ".join(str(r + 1) for r in empty[:10])
-                raise DataError(
-                    f"{source}: {len(empty)} rows with empty text in column {column!r} "
-                    f"(data rows {rows}{' ...' if len(empty) > 10 else ''})"
-                )
-        splits[split] = RawSplit(split, source, texts, pairs, frame[data.label_column].tolist())
+        splits[split] = RawSplit(split, source, texts, pairs, labels.tolist())
     return splits
+
+
+def _rows(rows: Sequence[int]) -> str:
+    return f"data rows {', '.join(str(r + 1) for r in rows[:10])}{' ...' if len(rows) > 10 else ''}"
+
+
+def check_texts(values: pd.Series, source: str, column: str) -> None:
+    """Every row has a text: a missing value (null, an empty field) or only spaces is named by its
+    data row; the word "nan" is a text like any other."""
+    empty = np.flatnonzero((values.isna() | values.astype(str).str.strip().eq("")).to_numpy())
+    if len(empty):
+        raise DataError(f"{source}: {len(empty)} rows with no text in column {column!r} ({_rows(empty)})")
 
 
 def label_counts(label_ids: Sequence[Any], space: LabelSpace) -> list[int]:

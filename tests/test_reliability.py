@@ -338,9 +338,9 @@ def test_a_pickle_planted_in_the_resume_state_is_refused(make_cfg, tmp_path, mon
 
 
 BAD_FILES = {
-    "quoting": (b'text,label\n"unclosed quote,1\nfine,0\n', "cannot parse as csv"),
+    "quoting": (b'text,label\n"unclosed quote,1\nfine,0\n', "train.csv:2: a quote opened on this line is never closed"),
     "utf8": (b"text,label\nok,1\nbad \xfe,0\n", "train.csv:3:5: not valid UTF-8"),
-    "empty_text": (b"text,label\nok,1\n  ,0\n", "1 rows with empty text in column 'text' (data rows 2)"),
+    "empty_text": (b"text,label\nok,1\n  ,0\n", "1 rows with no text in column 'text' (data rows 2)"),
     "missing_column": (b"sentence,label\nok,1\n", "no column 'text'"),
     "header_only": (b"text,label\n", "the train split is empty"),
 }
