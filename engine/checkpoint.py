@@ -65,6 +65,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
             pass
         if isinstance(error, OSError):
             raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from error
+        if isinstance(error, RuntimeError):  # torch.save on a full disk: "unexpected pos ..."
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"cannot write {path} (disk full?): {first}") from error
         raise
     _fsync_dir(path.parent)
     return path
@@ -155,6 +158,7 @@ STATE_DIR = "state"
 COMPLETE = "COMPLETE"
 MODEL_KEY, OPTIMIZER_KEY, SCHEDULER_KEY, SCALER_KEY = "model", "optimizer", "scheduler", "scaler"
 PROGRESS_FILE = "progress.json"
+REPLACED = ".replaced"  # suffix of a complete state set aside while its step is saved again
 
 
 def capture_rng() -> dict[str, Any]:
@@ -229,8 +233,12 @@ def commit_state(folder: Path, step: int, progress: dict[str, Any]) -> Path:
     atomic_write(folder / COMPLETE, lambda handle: handle.write(b"ok\n"))
     _fsync_dir(folder)
     final = state_step_dir(folder.parent.parent, step)
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # the same step saved again: the complete one steps aside, it is not removed
+        aside = final.with_name(final.name + REPLACED)
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+        _fsync_dir(final.parent)
     os.replace(folder, final)
     _fsync_dir(final.parent)
     for older in final.parent.iterdir():  # only now that the new state is complete
@@ -249,7 +257,11 @@ def latest_state(run_dir: Path) -> tuple[Path | None, list[str]]:
     if not root.is_dir():
         return None, []
     warnings = []
-    for folder in sorted((p for p in root.iterdir() if p.name.startswith("step_")), reverse=True):
+    # A state set aside while its step was saved again comes after that step's own state.
+    saved = (p for p in root.iterdir() if p.name.startswith("step_"))
+    for folder in sorted(
+        saved, key=lambda p: (p.name.removesuffix(REPLACED), not p.name.endswith(REPLACED)), reverse=True
+    ):
         if is_complete(folder):
             try:
                 load_info(folder / PROGRESS_FILE)
@@ -269,6 +281,71 @@ def load_state_part(folder: Path, name: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(f"{path}: not a safe, complete state file ({type(error).__name__}: {error})") from None
+
+
+LOCK_FILE = ".lock"
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory for as long as a run writes in it: a second run there
+    fails at once naming the holder. ``flock`` dies with its process, so a killed run's lock is
+    never stale. Holding it, the run clears the temp files a killed writer left behind."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.run_dir, self.enabled, self.fd = Path(run_dir), enabled, None
+
+    def __enter__(self) -> RunDirLock:
+        import fcntl
+
+        if not self.enabled:
+            return self
+        path = self.run_dir / LOCK_FILE
+        while self.fd is None:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+            except OSError as error:
+                raise CheckpointError(f"cannot write in the run directory {self.run_dir}: {error.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise CheckpointError(
+                    f"the run directory {self.run_dir} is in use by another run ({holder}); "
+                    "choose another hydra.run.dir (or output_dir), or wait for it to end"
+                ) from None
+            try:  # the holder before us removes the file as it lets go: lock the file that is there
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+            else:
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode())
+        remove_stale_temp_files(self.run_dir)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)  # while still held: see __enter__
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """The ``.<name>.*.tmp`` files and ``state/.tmp_step_*`` folders a killed writer left (call it holding
+    the run directory's lock, when no writer can be at work)."""
+    import shutil
+
+    stale = [p for p in Path(run_dir).glob(".*.tmp") if p.is_file()]
+    state = Path(run_dir) / STATE_DIR
+    if state.is_dir():
+        stale += [p for p in state.glob(".tmp_step_*") if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale
 
 
 def locate(path: str | os.PathLike) -> tuple[Path, Path]:

@@ -73,15 +73,15 @@ def tokenize_split(
         return encoded
 
     remove = [c for c in table.column_names if c != "labels"]
-    return table.map(
-        encode,
-        batched=True,
-        batch_size=1000,
-        remove_columns=remove,
-        cache_file_name=str(cache_file),
-        load_from_cache_file=True,
-        desc=f"tokenize {raw.name}",
-    )
+    options = dict(batched=True, batch_size=1000, remove_columns=remove, desc=f"tokenize {raw.name}")
+    try:
+        return table.map(encode, cache_file_name=str(cache_file), load_from_cache_file=True, **options)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid: a cache file cut short by a kill
+        if not cache_file.exists():
+            raise
+        log.warning("%s: unreadable token cache (%s); tokenizing again", cache_file, str(error).splitlines()[0])
+        cache_file.unlink()
+        return table.map(encode, cache_file_name=str(cache_file), load_from_cache_file=False, **options)
 
 
 # ---------------------------------------------------------------------------

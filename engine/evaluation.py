@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from engine import checkpoint, tracking
-from engine.config import Config, ProblemType
+from engine.config import Config, ProblemType, greater_is_better
 from engine.data import eval_loader, load_data, make_collator, restore_order
 from engine.errors import EngineError
 from engine.metrics import compute_metrics, load_metric, per_class_report
@@ -83,8 +83,55 @@ class BestKeeper:
     def __init__(self, run_dir: Path, config: Config, backend: Any, labels: Any, describe: dict[str, Any]) -> None:
         self.run_dir, self.config, self.backend, self.labels = run_dir, config, backend, labels
         self.describe = describe  # what the .json says besides the metric and step
-        self.sign = 1.0 if config.trainer.greater_is_better else -1.0
+        t = config.trainer
+        self.sign = 1.0 if t.greater_is_better else -1.0
         self.predictions: tuple[np.ndarray, np.ndarray] | None = None
+        rule = "from the metric's name" if t.greater_is_better == greater_is_better(t.metric_for_best) else "as set"
+        log.info(
+            "best checkpoint: the %s %s (trainer.greater_is_better=%s, %s)",
+            *("highest" if t.greater_is_better else "lowest", t.metric_for_best, t.greater_is_better, rule),
+        )
+
+    def _save(self, weights: dict[str, torch.Tensor], metrics: dict[str, float], epoch: int, step: int) -> None:
+        name = self.config.trainer.metric_for_best
+        info = {**self.describe, "metric_name": name, "metric_value": metrics[name], "metrics": metrics}
+        info.update(epoch=epoch, step=step)
+        checkpoint.save_best(self.run_dir, weights, info)
+
+    def missing(self, step: int) -> str | None:
+        """What is wrong with the best checkpoint on disk, if it is not the one of ``step``."""
+        weights, info = self.run_dir / checkpoint.BEST_WEIGHTS, self.run_dir / checkpoint.BEST_INFO
+        if not weights.is_file() or not info.is_file():
+            return f"{weights if not weights.is_file() else info} is missing (the best was at step {step})"
+        try:
+            saved_step = checkpoint.load_info(info).get("step")
+        except checkpoint.CheckpointError as error:
+            return str(error)
+        if saved_step != step:
+            return f"{info} describes step {saved_step}, but the best was at step {step}"
+        return None
+
+    def check_on_disk(self, progress: Any, model: torch.nn.Module) -> None:
+        """After a resume: the best checkpoint the state remembers must be on disk. When the state's
+        weights are the best ones it is written again from them; otherwise the resume is refused."""
+        problem = None
+        if self.backend.is_main_process and progress.best_value is not None:
+            problem = self.missing(progress.best_step)
+            if problem and progress.best_step == progress.global_step and self.predictions is not None:
+                classifier = self.backend.unwrap_model(model)
+                logits, gold = self.predictions
+                loss = classifier.loss_from_logits(torch.from_numpy(logits), torch.from_numpy(gold))
+                metrics = {"loss": float(loss), **compute_metrics(logits, gold, self.labels.problem_type)}
+                epoch = progress.epoch - 1 if progress.step_in_epoch == 0 and progress.epoch > 0 else progress.epoch
+                self._save(plain_state_dict(classifier), metrics, epoch, progress.global_step)
+                log.warning("%s: written again from the resumed state, whose weights are the best", problem)
+                problem = None
+        problem = self.backend.broadcast_object(problem)
+        if problem:
+            raise checkpoint.CheckpointError(
+                f"cannot resume: {problem}; the state does not hold the best weights. "
+                "Put the best checkpoint back, or start a new run"
+            )
 
     def __call__(self, model, loader, order, progress, tracker, epoch: int) -> dict[str, float]:
         t, step = self.config.trainer, progress.global_step
@@ -94,9 +141,7 @@ class BestKeeper:
         # A non-finite metric, or non-finite weights (checked in save_best), never become "best".
         improved = math.isfinite(value) and (best is None or self.sign * (value - best) > 0)
         if improved and self.backend.is_main_process:
-            info = {**self.describe, "metric_name": t.metric_for_best, "metric_value": value, "metrics": metrics}
-            info.update(epoch=epoch, step=step)
-            checkpoint.save_best(self.run_dir, plain_state_dict(self.backend.unwrap_model(model)), info)
+            self._save(plain_state_dict(self.backend.unwrap_model(model)), metrics, epoch, step)
         # Every rank computed the same metric from the same gathered predictions, so all agree.
         if improved:
             progress.best_value, progress.best_step, self.predictions = value, step, (logits, gold)
@@ -111,7 +156,9 @@ class BestKeeper:
 
 
 def evaluate_checkpoint(config: Config, backend: Any, run_dir: Path) -> float:
-    """``trainer.do_train=false checkpoint=...``: the training metric code on ``data.eval_split``."""
+    """``trainer.do_train=false checkpoint=...``: the training metric code on ``data.eval_split``,
+    in the backend's autocast: ``trainer.mixed_precision=auto`` resolved for inference as
+    prediction resolves it (``make_backend(..., inference=True)``)."""
     from transformers import AutoTokenizer
 
     from engine.model import ClassifierWithLoss, load_hf_model
@@ -138,6 +185,7 @@ def evaluate_checkpoint(config: Config, backend: Any, run_dir: Path) -> float:
         "split": config.data.eval_split,
         "source": data.sources["validation"],
         "checkpoint": str(weights_path),
+        "precision": backend.mixed_precision.value,  # trainer.mixed_precision as resolved for this device
         **metrics,
     }
     if backend.is_main_process:

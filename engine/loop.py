@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import random
+import signal
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -67,7 +68,10 @@ def resolve_run_dir(cfg: Config, backend: Backend) -> Path:
         _discard_stray_run_dir(Path(own))
     run_dir = Path(chosen)
     if backend.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise EngineError(f"cannot make the run directory {run_dir}: {error.strerror}") from None
     backend.wait_for_everyone()
     return run_dir
 
@@ -143,22 +147,23 @@ def train(cfg: DictConfig | Config) -> float:
     config = validate(cfg) if isinstance(cfg, DictConfig) else cfg
     backend = make_backend(config.backend, config.trainer.mixed_precision)
     try:
-        return fit(config, backend, origin)
+        run_dir = resolve_run_dir(config, backend)
+        with checkpoint.RunDirLock(run_dir, enabled=backend.is_main_process):
+            return fit(config, backend, run_dir, origin)
     finally:
         tracking.close_logging()
         backend.end()
 
 
-def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = None) -> float:
-    """The run itself, on a backend that is already set up; ``origin`` (a time and its name)
-    is where the logged start-up time counts from (default: this call)."""
+def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, str] | None = None) -> float:
+    """The run itself, on a backend that is already set up, in a run directory this process holds;
+    ``origin`` (a time and its name) is where the logged start-up time counts from (default: this call)."""
     started = time.perf_counter()
     started_at, started_what = origin or (time.time(), "fit() was called")
     resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     t = config.trainer
 
-    # --- Set-up: run dir, logs, the state to resume from ---------------------------------
-    run_dir = resolve_run_dir(config, backend)
+    # --- Set-up: logs, the state to resume from --------------------------------------------
     tracking.setup_logging(run_dir, backend.is_main_process)
     log.info(
         "run dir %s | backend %s | %d process(es) | device %s | mixed precision %s",
@@ -178,6 +183,7 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
     # --- Model with the weighted loss in its forward, then the speed wing (one call) ------
     seed_everything(config.seed)  # the same initial head whatever the data step consumed
     model = build_classifier(config, data)
+    check_max_length(config.data.max_length, model.hf_model.config, config.model.source)
     log.info("speed-ups: %s", ", ".join(speedups.apply(model, backend, config)) or "none")
 
     # --- Loaders, optimizer, schedule: placed by the backend -------------------------------
@@ -200,7 +206,11 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
     if state_folder is not None:
         progress, saved = resume.restore(state_folder, backend, resolved, classifier.hf_model, optimizer, scheduler)
     elif config.resume == "auto":
-        log.info("resume=auto: no saved state in %s, starting fresh", run_dir)
+        earlier = (run_dir / checkpoint.STATE_DIR).is_dir() or (run_dir / tracking.EVAL_METRICS).is_file()
+        (log.warning if earlier else log.info)(
+            "resume=auto: no usable saved state in %s; training starts from step 0%s",
+            *(run_dir, " (the earlier run's metrics files start anew)" if earlier else ""),
+        )
     resumed_at = progress.global_step if state_folder else None
     tracker = tracking.Tracker(
         run_dir, config.logger, backend.is_main_process, resolved, config.wandb_project, resumed_at
@@ -209,6 +219,8 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
     extra = saved["extra"]
     if "best_logits" in extra:
         keep_best.predictions = (extra["best_logits"].numpy(), extra["best_labels"].numpy())
+    if state_folder is not None:
+        keep_best.check_on_disk(progress, classifier)
     window_loss = extra.get("window_loss", torch.zeros(())).to(backend.device)
     window_tokens = extra.get("window_tokens", torch.zeros((), dtype=torch.long)).to(backend.device)
     if state_folder is not None:
@@ -275,7 +287,13 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
                 if stopping or (t.save_every and step % t.save_every == 0 and not end_of_epoch):
                     save_state()
                 if stopping:
-                    log.warning("stopped at step %d; continue with resume=%s", step, run_dir)
+                    log.warning(
+                        "stopped at step %d; %s",
+                        step,
+                        f"continue with resume={run_dir}"
+                        if t.save_state
+                        else "no state saved (trainer.save_state=false)",
+                    )
                     raise SystemExit(stop.exit_code or 143)
                 if step >= steps:
                     break
@@ -287,12 +305,27 @@ def fit(config: Config, backend: Backend, origin: tuple[float, str] | None = Non
                 progress.epoch, progress.step_in_epoch, progress.batches_in_epoch = epoch + 1, 0, 0
             save_state()
             window_start = time.perf_counter()
+        if stop.received is not None:
+            log.warning("%s came after the last step: the run finishes", signal.Signals(stop.received).name)
     bar.close()
     if progress.last_eval_step != progress.global_step:
         keep_best(model, dev_loader, dev_order, progress, tracker, progress.epoch)
     return finish(
         config, backend, run_dir, model, data, collator, keep_best, progress, tracker, started, startup_seconds
     )
+
+
+def check_max_length(max_length: int, model_config: Any, source: str) -> None:
+    """``data.max_length`` within the positions the model has (checked before the first step)."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions is None:
+        return
+    if getattr(model_config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        positions -= (model_config.pad_token_id or 0) + 1  # position ids start after the padding index
+    if max_length > positions:
+        raise EngineError(
+            f"data.max_length={max_length} is above the {positions} positions of {source}; set data.max_length<={positions}"
+        )
 
 
 def read_data(config: Config, tokenizer: Any, backend: Backend, run_dir: Path) -> Any:
@@ -383,6 +416,10 @@ def finish(
     weights, plots and ``summary.json``; returns the best dev metric."""
     t, labels = config.trainer, data.labels
     best_value, best_predictions = progress.best_value, keep_best.predictions
+    if best_value is not None:  # the summary never names a best checkpoint that is not there
+        missing = backend.broadcast_object(keep_best.missing(progress.best_step) if backend.is_main_process else None)
+        if missing:
+            raise EngineError(f"the best checkpoint is not on disk: {missing}")
 
     # --- Multi-label: decision thresholds tuned on dev with the best checkpoint ----------
     thresholds = None

@@ -7,6 +7,8 @@ state fits the run that wants to continue from it.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import signal
 from dataclasses import asdict, dataclass
@@ -20,10 +22,12 @@ from engine.checkpoint import CheckpointError
 
 log = logging.getLogger("engine.resume")
 
-# What a resumed run must share with the run that saved the state.
+# What a resumed run must share with the run that saved the state: everything that changes the
+# result (a section name stands for each of its keys). The data files' contents are compared too.
 MUST_MATCH = (
     "model.source",
     "model.name",
+    "model.tokenizer",
     "model.pretrained",
     "model.config_overrides",
     "model.dropout",
@@ -31,24 +35,36 @@ MUST_MATCH = (
     "data.subset",
     "data.train_file",
     "data.validation_file",
+    "data.format",
+    "data.quoting",
+    "data.column_names",
+    "data.header",
     "data.text_column",
     "data.text_pair_column",
     "data.label_column",
+    "data.label_delimiter",
     "data.label_names",
+    "data.num_labels",
     "data.problem_type",
+    "data.eval_split",
     "data.max_length",
     "data.max_train_samples",
+    "data.max_eval_samples",
     "data.group_by_length",
     "trainer.batch_size",
     "trainer.grad_accum_steps",
     "trainer.epochs",
     "trainer.max_steps",
+    "trainer.max_grad_norm",
+    "trainer.eval_every",
+    "trainer.metric_for_best",
+    "trainer.greater_is_better",
     "trainer.mixed_precision",
-    "optim.lr",
-    "optim.warmup_ratio",
-    "optim.scheduler",
+    "optim",
+    "loss",
     "seed",
 )
+DATA_FILES = ("data.train_file", "data.validation_file")
 
 
 @dataclass
@@ -77,12 +93,43 @@ def _get(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def _leaves(key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {leaf: v for k, sub in value.items() for leaf, v in _leaves(f"{key}.{k}", sub).items()}
+    return {key: value}
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    return [
-        f"{key}: saved {_get(saved, key)!r}, now {_get(current, key)!r}"
-        for key in MUST_MATCH
-        if _get(saved, key) != _get(current, key)
-    ]
+    differences = []
+    for key in MUST_MATCH:
+        before, now = _leaves(key, _get(saved, key)), _leaves(key, _get(current, key))
+        for leaf in sorted(before.keys() | now.keys()):
+            if before.get(leaf) != now.get(leaf):
+                differences.append(f"{leaf}: saved {before.get(leaf)!r}, now {now.get(leaf)!r}")
+    return differences
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_fingerprints(config: dict[str, Any]) -> dict[str, str | None]:
+    """The SHA-256 of each local data file the run trains and chooses its best on (same path, other
+    contents: another run)."""
+    prints: dict[str, str | None] = {}
+    for key in DATA_FILES:
+        path = _get(config, key)
+        if path and Path(path).is_file():
+            stat = Path(path).stat()
+            prints[key] = _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+        else:
+            prints[key] = None
+    return prints
 
 
 def find_state(resume: str, run_dir: Path) -> Path | None:
@@ -143,6 +190,7 @@ def save(
                 "progress": asdict(progress),
                 "world_size": backend.num_processes,
                 "config": config,
+                "data_sha256": data_fingerprints(config),
             },
         )
     backend.wait_for_everyone()
@@ -153,6 +201,10 @@ def check(folder: Path, backend: Any, config: dict[str, Any]) -> dict[str, Any]:
     """Refuse a state whose run differs in what matters (before any work or any write)."""
     meta = checkpoint.load_info(folder / checkpoint.PROGRESS_FILE)
     differences = config_differences(meta.get("config", {}), config)
+    saved_prints = meta.get("data_sha256", {})
+    for key, now in data_fingerprints(config).items():
+        if key in saved_prints and saved_prints[key] != now:
+            differences.append(f"{key}: the file's contents changed (SHA-256 {saved_prints.get(key)} -> {now})")
     if meta.get("world_size") != backend.num_processes:
         differences.append(f"world size: saved {meta.get('world_size')}, now {backend.num_processes}")
     if differences:

@@ -14,6 +14,8 @@ from typing import Any
 
 from engine.errors import EngineError
 
+log = logging.getLogger("engine.tracking")
+
 LOG_FILE = "train.log"
 EVAL_METRICS = "metrics.jsonl"  # one line per evaluation
 TRAIN_METRICS = "train_steps.jsonl"  # one line per logging step
@@ -158,17 +160,17 @@ class Tracker:
         self.scalars: list[Any] = []
         if not enabled:
             return
-        if resume_step is not None:
-            # Lines written after the state was saved are written again by the resumed run.
-            for name in (TRAIN_METRICS, EVAL_METRICS):
-                keep = [r for r in read_jsonl(run_dir / name) if r.get("step", 0) <= resume_step]
+        # Lines written after the state was saved are written again by the resumed run; a run that
+        # starts from step 0 starts the files anew (an old run's lines would read as this one's).
+        keep_to = -1 if resume_step is None else resume_step
+        for name in (TRAIN_METRICS, EVAL_METRICS):
+            if (run_dir / name).is_file():
+                keep = [r for r in read_jsonl(run_dir / name) if r.get("step", 0) <= keep_to]
                 (run_dir / name).write_text("".join(json.dumps(r) + "\n" for r in keep))
-            per_class = run_dir / PER_CLASS
-            if per_class.is_file():
-                lines = per_class.read_text().splitlines(keepends=True)
-                per_class.write_text(
-                    "".join(lines[:1] + [x for x in lines[1:] if int(x.split(",", 1)[0]) <= resume_step])
-                )
+        per_class = run_dir / PER_CLASS
+        if per_class.is_file():
+            lines = per_class.read_text().splitlines(keepends=True)
+            per_class.write_text("".join(lines[:1] + [x for x in lines[1:] if _csv_step(x) <= keep_to]))
         if "jsonl" in loggers:
             self.streams = {"train": JsonlLogger(run_dir / TRAIN_METRICS), "eval": JsonlLogger(run_dir / EVAL_METRICS)}
         if "tensorboard" in loggers:
@@ -191,10 +193,30 @@ class Tracker:
         self.streams, self.scalars = {}, []
 
 
+def _csv_step(line: str) -> int:
+    """The step a ``per_class.csv`` line starts with; a torn line counts as after every step."""
+    try:
+        return int(line.split(",", 1)[0])
+    except ValueError:
+        return 1 << 62
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a torn last line (a kill mid-write) is dropped with a warning."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if any(rest.strip() for rest in lines[number:]):
+                raise EngineError(f"{path}:{number}:{error.colno}: not a JSON line ({error.msg})") from None
+            log.warning("%s:%d: dropping a torn last line (a write was cut off)", path, number)
+    return records
 
 
 PER_CLASS = "per_class.csv"
