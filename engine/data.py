@@ -277,8 +277,23 @@ def token_lengths(dataset: Any) -> Sequence[int]:
     return [len(ids) for ids in dataset["input_ids"]]
 
 
+def loader_workers(data: DataConfig, device: torch.device) -> dict[str, Any]:
+    """``num_workers`` (``data.num_workers``; null: 2 on CUDA, where collating overlaps the GPU's work,
+    0 on the CPU, whose cores train) and ``pin_memory`` (CUDA: page-locked batches, so that the
+    ``non_blocking`` copies really overlap)."""
+    cuda = device.type == "cuda"
+    workers = data.num_workers if data.num_workers is not None else (2 if cuda else 0)
+    return {"num_workers": workers, "pin_memory": cuda}
+
+
 def train_loader(
-    dataset: Any, batch_size: int, seed: int, collator: Any, num_workers: int = 0, group_by_length: bool = True
+    dataset: Any,
+    batch_size: int,
+    seed: int,
+    collator: Any,
+    num_workers: int = 0,
+    group_by_length: bool = True,
+    pin_memory: bool = False,
 ) -> tuple[DataLoader, Any]:
     """Shuffled training batches and the object whose ``set_epoch`` reshuffles them (the loop calls it).
 
@@ -296,12 +311,20 @@ def train_loader(
         batch_sampler=batches,
         collate_fn=collator,
         num_workers=num_workers,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
     )
     return loader, shuffler
 
 
-def eval_loader(dataset: Any, batch_size: int, collator: Any, num_workers: int = 0, sort_by_length: bool = True):
+def eval_loader(
+    dataset: Any,
+    batch_size: int,
+    collator: Any,
+    num_workers: int = 0,
+    sort_by_length: bool = True,
+    pin_memory: bool = False,
+):
     """Evaluation batches, longest rows first when ``sort_by_length`` (see :func:`row_order`)."""
     sampler: Sampler[int]
     if sort_by_length:
@@ -314,5 +337,6 @@ def eval_loader(dataset: Any, batch_size: int, collator: Any, num_workers: int =
         batch_size=batch_size,
         collate_fn=collator,
         num_workers=num_workers,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),  # iterating never draws from the global RNG
     )

@@ -14,7 +14,7 @@ import torch
 
 from engine import checkpoint, tracking
 from engine.config import Config, ProblemType, greater_is_better
-from engine.data import eval_loader, load_data, make_collator, restore_order
+from engine.data import eval_loader, load_data, loader_workers, make_collator, restore_order
 from engine.errors import EngineError
 from engine.metrics import compute_metrics, load_metric, per_class_report
 from engine.model import plain_state_dict
@@ -159,16 +159,14 @@ def evaluate_checkpoint(config: Config, backend: Any, run_dir: Path) -> float:
     """``trainer.do_train=false checkpoint=...``: the training metric code on ``data.eval_split``,
     in the backend's autocast: ``trainer.mixed_precision=auto`` resolved for inference as
     prediction resolves it (``make_backend(..., inference=True)``)."""
-    from transformers import AutoTokenizer
-
-    from engine.model import ClassifierWithLoss, load_hf_model
+    from engine.model import ClassifierWithLoss, load_hf_model, load_tokenizer
 
     weights_path, info_path = checkpoint.locate(config.checkpoint)
     info = checkpoint.load_info(info_path)
     hf_model = load_hf_model(weights_path, info)
     problem_type = ProblemType(info["problem_type"])
     names = [info["id2label"][str(i)] for i in range(info["num_labels"])]
-    tokenizer = AutoTokenizer.from_pretrained(info.get("tokenizer") or info["model_source"])
+    tokenizer = load_tokenizer(info.get("tokenizer") or info["model_source"])
     config.data.problem_type = problem_type
     with backend.main_process_first():
         data = load_data(config.data, tokenizer, with_train=False, label_names=names)
@@ -176,8 +174,8 @@ def evaluate_checkpoint(config: Config, backend: Any, run_dir: Path) -> float:
         data.eval,
         config.trainer.eval_batch_size,
         make_collator(tokenizer, config.data),
-        config.data.num_workers,
-        config.data.sort_eval_by_length,
+        sort_by_length=config.data.sort_eval_by_length,
+        **loader_workers(config.data, backend.device),
     )
     model, loader = backend.prepare(ClassifierWithLoss(hf_model, problem_type), loader)
     metrics, _, _ = evaluate(model, loader, backend, problem_type, config.trainer.progress)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from engine import checkpoint, resume, speedups, tracking
 from engine.backend import Backend, make_backend
 from engine.config import Config, MixedPrecision, NonFinite, ProblemType, validate
-from engine.data import eval_loader, load_data, make_collator, row_order, train_loader
+from engine.data import eval_loader, load_data, loader_workers, make_collator, row_order, train_loader
 from engine.errors import EngineError
 from engine.evaluation import BestKeeper, evaluate, evaluate_checkpoint, format_metrics
 from engine.metrics import compute_metrics, confusion, per_class_report, sigmoid, tune_thresholds
@@ -170,6 +170,8 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
         *(run_dir, backend.name, backend.num_processes, backend.device, backend.mixed_precision.value),
     )
     seed_everything(config.seed)
+    if backend.device.type == "cuda":  # TF32 matmuls and convolutions on Ampere and later (nanoGPT's line)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     if not t.do_train:
         return evaluate_checkpoint(config, backend, run_dir)
     state_folder = resume.find_state(config.resume, run_dir) if config.resume else None
@@ -188,12 +190,13 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
 
     # --- Loaders, optimizer, schedule: placed by the backend -------------------------------
     collator = make_collator(tokenizer, config.data)
+    workers = loader_workers(config.data, backend.device)
     dev_loader = eval_loader(
-        data.eval, t.eval_batch_size, collator, config.data.num_workers, config.data.sort_eval_by_length
+        data.eval, t.eval_batch_size, collator, sort_by_length=config.data.sort_eval_by_length, **workers
     )
     dev_order = row_order(dev_loader)
     train_dl, shuffler = train_loader(
-        data.train, t.batch_size, config.seed, collator, config.data.num_workers, config.data.group_by_length
+        data.train, t.batch_size, config.seed, collator, group_by_length=config.data.group_by_length, **workers
     )
     optimizer = build_optimizer(model, config.optim, backend.device)
     model, optimizer, train_dl, dev_loader = backend.prepare(model, optimizer, train_dl, dev_loader)
@@ -251,11 +254,15 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                 micro_batches = [backend.to_device(b) for b in micro_batches]
                 step_loss = forward_backward(model, classifier, backend, micro_batches)
                 grad_norm = backend.clip_grad_norm_(parameters, t.max_grad_norm or float("inf"))
-                # One decision on every rank (a CPU-GPU sync): the gradients are all-reduced, the losses are not.
-                finite = bool(torch.isfinite(step_loss)) and (
-                    bool(torch.isfinite(grad_norm)) or backend.mixed_precision == MixedPrecision.fp16
+                # Skip a step whose gradients hold a NaN/Inf. The norm is of the all-reduced gradients, so a
+                # NaN loss on any rank gives every rank the same answer with no extra all-reduce; reading it
+                # is this step's one CPU-GPU sync. fp16's GradScaler and DeepSpeed (no norm) skip on their own.
+                finite = (
+                    grad_norm is None
+                    or backend.mixed_precision == MixedPrecision.fp16
+                    or bool(torch.isfinite(grad_norm))
                 )
-                if backend.any_process(not finite):
+                if not finite:
                     optimizer.zero_grad(set_to_none=True)
                     skip_nonfinite_step(progress, t, step_loss, grad_norm)
                     continue
@@ -274,7 +281,7 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                 progress.window_steps += 1
                 bar.update(1)
 
-                if step % t.log_every == 0 or step == steps:  # a CPU-GPU sync: only every log_every steps
+                if step % t.log_every == 0 or step == steps:  # a CPU-GPU sync and all-reduces: every log_every steps
                     lr = scheduler.get_last_lr()[0]
                     norm = grad_norm if t.max_grad_norm else None
                     log_window(backend, tracker, bar, progress, window_loss, window_tokens, window_start, lr, norm)
@@ -283,7 +290,9 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                 if t.eval_every and step % t.eval_every == 0:
                     keep_best(model, dev_loader, dev_order, progress, tracker, epoch)
                 end_of_epoch = progress.batches_in_epoch >= len(train_dl)
-                stopping = backend.any_process(stop.received is not None)
+                # A stop signal is taken at the next logging step: one all-reduce every log_every steps.
+                logged = step % t.log_every == 0 or step == steps
+                stopping = logged and backend.any_process(stop.received is not None)
                 if stopping or (t.save_every and step % t.save_every == 0 and not end_of_epoch):
                     save_state()
                 if stopping:
@@ -372,7 +381,7 @@ def skip_nonfinite_step(progress: resume.Progress, t: Any, step_loss: torch.Tens
     progress.nonfinite_steps += 1
     message = (
         f"non-finite loss or gradient at step {progress.global_step + 1} "
-        f"(loss {float(step_loss):.4g}, grad norm {float(grad_norm):.4g})"
+        f"(grad norm {float(grad_norm):.4g}, this process's loss {float(step_loss):.4g})"
     )
     if t.on_nonfinite == NonFinite.stop or progress.nonfinite_steps > t.max_nonfinite:
         raise EngineError(
@@ -443,7 +452,11 @@ def finish(
         best_weights = checkpoint.load_weights(run_dir / checkpoint.BEST_WEIGHTS) if backend.is_main_process else None
         backend.unwrap_model(model).hf_model.load_state_dict(backend.broadcast_object(best_weights))
         test_loader = eval_loader(
-            data.test, t.eval_batch_size, collator, config.data.num_workers, config.data.sort_eval_by_length
+            data.test,
+            t.eval_batch_size,
+            collator,
+            sort_by_length=config.data.sort_eval_by_length,
+            **loader_workers(config.data, backend.device),
         )
         test_order = row_order(test_loader)
         test_loader = backend.prepare(test_loader)[0]

@@ -227,3 +227,36 @@ def test_compile_mode_is_checked(make_cfg):
     assert validate(make_cfg(*TINY, "speedups.compile=true")).data.pad_to_multiple_of == 32
     with pytest.raises(ConfigError, match="data.pad_to_multiple_of must be >= 1 or null, got 0"):
         validate(make_cfg(*TINY, "data.pad_to_multiple_of=0"))
+
+
+def test_loader_workers_and_pinned_memory_follow_the_device():
+    from engine.config import DataConfig
+    from engine.data import loader_workers
+
+    data = DataConfig(text_column="text")
+    assert loader_workers(data, torch.device("cpu")) == {"num_workers": 0, "pin_memory": False}
+    assert loader_workers(data, torch.device("cuda")) == {"num_workers": 2, "pin_memory": True}
+    data.num_workers = 3
+    assert loader_workers(data, torch.device("cpu")) == {"num_workers": 3, "pin_memory": False}
+
+
+def test_the_step_reduces_across_processes_only_at_logging_steps(make_cfg, monkeypatch):
+    """The non-finite decision reads the all-reduced gradient norm; the stop signal is all-reduced
+    every trainer.log_every steps, not every step."""
+    from engine.backend import ManualBackend
+
+    calls = []
+    monkeypatch.setattr(ManualBackend, "any_process", lambda self, flag: calls.append(flag) or bool(flag))
+    train(make_cfg(*TINY, "trainer.log_every=4"))  # 64 rows, batch 8: 8 steps
+    assert len(calls) == 2
+
+
+def test_a_backend_that_returns_no_gradient_norm_trains(make_cfg, tmp_path, monkeypatch):
+    """DeepSpeed clips inside its engine and returns None for the norm: the loop goes on."""
+    from engine.backend import ManualBackend
+
+    real = ManualBackend.clip_grad_norm_
+    monkeypatch.setattr(ManualBackend, "clip_grad_norm_", lambda self, *a: (real(self, *a), None)[1])
+    assert 0.0 <= train(make_cfg(*TINY)) <= 1.0
+    steps = [json.loads(x) for x in (tmp_path / "run" / "train_steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 8 and all(s["grad_norm"] is None for s in steps)
