@@ -1,7 +1,8 @@
 """Sweeps: Hydra multirun jobs that survive failures and re-runs, and the sweep summary.
 
 ``python -m engine.sweep <sweep dir>`` writes the summary for any sweep directory;
-the ``SweepSummary`` Hydra callback writes it when a multirun ends.
+the ``SweepSummary`` Hydra callback writes it when a multirun ends. Which parameters matter
+(their importance for the metric) comes from ``engine.importance``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from engine import importance
 from engine.checkpoint import BEST_INFO, atomic_write, atomic_write_json, load_info
 
 log = logging.getLogger("engine.sweep")
@@ -25,6 +27,7 @@ log = logging.getLogger("engine.sweep")
 FAILED = "failed.json"
 SUMMARY = "summary.json"
 TABLE_MD, TABLE_CSV, GROUPS_CSV, PLOT = "sweep_summary.md", "sweep_summary.csv", "sweep_groups.csv", "sweep_summary.png"
+IMPORTANCE_CSV, IMPORTANCE_PLOT = "sweep_importance.csv", "sweep_importance.png"
 SEED_KEY = "seed"
 
 
@@ -160,7 +163,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(result, key=lambda g: -g["mean"] if better else g["mean"])
 
 
-def _markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> str:
+def _markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], ranked: importance.Importance) -> str:
     metric = next((r["metric"] for r in rows if r["metric"]), "metric")
     lines = [
         f"# Sweep summary ({len(rows)} jobs: "
@@ -177,8 +180,8 @@ def _markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> str:
             f"| {rank} | `{' '.join(group['overrides']) or '(defaults)'}` | "
             f"{group['mean']:.4f} ± {group['std']:.4f} | {group['n']} | {', '.join(group['seeds'])} |"
         )
+    lines += ["", *importance.markdown(ranked)]
     lines += [
-        "",
         "## Jobs",
         "",
         f"| job | overrides | status | best {metric} | epoch | step | wall s | error |",
@@ -247,7 +250,8 @@ def summarize(sweep_dir: str | Path) -> dict[str, Any]:
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     groups = aggregate(rows)
-    atomic_write(sweep_dir / TABLE_MD, lambda h: h.write(_markdown(rows, groups).encode()))
+    ranked = importance.estimate(rows, importance.sweeper_config(sweep_dir, rows))
+    atomic_write(sweep_dir / TABLE_MD, lambda h: h.write(_markdown(rows, groups, ranked).encode()))
 
     def write_csv(path: Path, records: list[dict[str, Any]], fields: list[str]) -> None:
         import io
@@ -272,7 +276,13 @@ def summarize(sweep_dir: str | Path) -> dict[str, Any]:
     )
     write_csv(sweep_dir / GROUPS_CSV, groups, ["overrides", "metric", "mean", "std", "n", "seeds"])
     _plot(rows, sweep_dir / PLOT)
-    return {"jobs": rows, "groups": groups}
+    if ranked.rows:
+        atomic_write(sweep_dir / IMPORTANCE_CSV, lambda h: h.write(importance.csv_text(ranked).encode()))
+        importance.plot(ranked, sweep_dir / IMPORTANCE_PLOT)
+    else:  # no estimate now: an earlier one would mislead
+        (sweep_dir / IMPORTANCE_CSV).unlink(missing_ok=True)
+        (sweep_dir / IMPORTANCE_PLOT).unlink(missing_ok=True)
+    return {"jobs": rows, "groups": groups, "importance": ranked}
 
 
 class SweepSummary:
