@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,6 +284,8 @@ def loader_workers(data: DataConfig, device: torch.device) -> dict[str, Any]:
     ``non_blocking`` copies really overlap)."""
     cuda = device.type == "cuda"
     workers = data.num_workers if data.num_workers is not None else (2 if cuda else 0)
+    if workers:  # the workers pad with the fast tokenizer the main process already used
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return {"num_workers": workers, "pin_memory": cuda}
 
 

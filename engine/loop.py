@@ -287,6 +287,7 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                     log_window(backend, tracker, bar, progress, window_loss, window_tokens, window_start, lr, norm)
                     window_start = time.perf_counter()
 
+                paused = time.perf_counter()  # evaluating and saving are not training time
                 if t.eval_every and step % t.eval_every == 0:
                     keep_best(model, dev_loader, dev_order, progress, tracker, epoch)
                 end_of_epoch = progress.batches_in_epoch >= len(train_dl)
@@ -304,16 +305,17 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                         else "no state saved (trainer.save_state=false)",
                     )
                     raise SystemExit(stop.exit_code or 143)
+                window_start += time.perf_counter() - paused
                 if step >= steps:
                     break
-                window_start = time.perf_counter() if progress.window_steps == 0 else window_start
             # End of the epoch (or of max_steps): evaluate, then save a state that starts the next one.
+            paused = time.perf_counter()
             if t.eval_every == 0 and progress.last_eval_step != progress.global_step:
                 keep_best(model, dev_loader, dev_order, progress, tracker, epoch)
             if progress.global_step < steps:
                 progress.epoch, progress.step_in_epoch, progress.batches_in_epoch = epoch + 1, 0, 0
             save_state()
-            window_start = time.perf_counter()
+            window_start += time.perf_counter() - paused
         if stop.received is not None:
             log.warning("%s came after the last step: the run finishes", signal.Signals(stop.received).name)
     bar.close()

@@ -131,7 +131,9 @@ def compile_encoder(hf_model: nn.Module, settings, data) -> None:
 
     # Graphs: each bucket, full and last partial batch, in training and in eval mode.
     buckets = math.ceil(data.max_length / data.pad_to_multiple_of)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * buckets + 4)
+    # recompile_limit was cache_size_limit before torch 2.6
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4 * buckets + 4))
     options = {"mode": settings.compile_mode} if settings.compile_mode else {}
     hf_model.compile(backend=settings.compile_backend, dynamic=False, **options)
     log.info(
