@@ -35,25 +35,45 @@ def choose_backend(config: BackendConfig) -> BackendName:
     return BackendName.accelerate if launched_distributed() else BackendName.manual
 
 
-def resolve_mixed_precision(precision: MixedPrecision, device_type: str) -> MixedPrecision:
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` computes bf16 in hardware (AVX-512 BF16 / AMX CPUs, Ampere+ GPUs):
+    elsewhere bf16 is emulated, and slower than fp32."""
+    if device_type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.4 has no emulation to exclude
+            return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+def native_fp16(device_type: str) -> bool:
+    """Whether ``device_type`` computes fp16 in hardware: GPUs with tensor cores (Volta, compute
+    capability 7.0, and later), CPUs with AVX-512 FP16 / AMX-FP16."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_capability() >= (7, 0)
+    if device_type == "cpu":
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+def resolve_mixed_precision(precision: MixedPrecision, device_type: str, inference: bool = False) -> MixedPrecision:
     """``auto`` becomes bf16 where ``device_type`` has native bf16 arithmetic, else ``no``
-    (emulated bf16 is slower than fp32, and fp16 needs loss scaling: never chosen for you)."""
+    (emulated bf16 is slower than fp32). Training never gets fp16 from ``auto``: it needs loss
+    scaling. Inference has no gradients to scale, so there ``auto`` gives fp16 on GPUs with fp16
+    tensor cores but no native bf16 (Volta, Turing)."""
     precision = MixedPrecision(precision)
     if precision != MixedPrecision.auto:
         return precision
-    if device_type == "cuda":
-        try:
-            native = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch < 2.4 has no emulation to exclude
-            native = torch.cuda.is_bf16_supported()
-    elif device_type == "cpu":
-        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    else:
-        native = False
-    return MixedPrecision.bf16 if native else MixedPrecision.no
+    if native_bf16(device_type):
+        return MixedPrecision.bf16
+    if inference and device_type == "cuda" and native_fp16(device_type):
+        return MixedPrecision.fp16
+    return MixedPrecision.no
 
 
-def _autocast_dtype(precision: MixedPrecision) -> torch.dtype | None:
+def autocast_dtype(precision: MixedPrecision) -> torch.dtype | None:
     return {MixedPrecision.bf16: torch.bfloat16, MixedPrecision.fp16: torch.float16}.get(precision)
 
 
@@ -92,11 +112,11 @@ class ManualBackend:
     process_index = 0
     is_main_process = True
 
-    def __init__(self, config: BackendConfig, mixed_precision: MixedPrecision) -> None:
+    def __init__(self, config: BackendConfig, mixed_precision: MixedPrecision, inference: bool = False) -> None:
         use_cuda = config.use_cuda and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
-        self.mixed_precision = resolve_mixed_precision(mixed_precision, self.device.type)
-        self._dtype = _autocast_dtype(self.mixed_precision)
+        self.mixed_precision = resolve_mixed_precision(mixed_precision, self.device.type, inference)
+        self._dtype = autocast_dtype(self.mixed_precision)
         self._scaler = torch.amp.GradScaler(self.device.type) if self.mixed_precision == MixedPrecision.fp16 else None
         self._optimizers: list[_ScaledOptimizer] = []
 
@@ -174,13 +194,13 @@ class AccelerateBackend:
 
     name = "accelerate"
 
-    def __init__(self, config: BackendConfig, mixed_precision: MixedPrecision) -> None:
+    def __init__(self, config: BackendConfig, mixed_precision: MixedPrecision, inference: bool = False) -> None:
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration
 
         # Without CUDA, cpu=True turns a multi-process launch into gloo DDP on the CPU.
         cpu = not (config.use_cuda and torch.cuda.is_available())
-        self.mixed_precision = resolve_mixed_precision(mixed_precision, "cpu" if cpu else "cuda")
+        self.mixed_precision = resolve_mixed_precision(mixed_precision, "cpu" if cpu else "cuda", inference)
         self.accelerator = Accelerator(
             cpu=cpu,
             mixed_precision=self.mixed_precision.value,
@@ -260,10 +280,11 @@ class AccelerateBackend:
 Backend = ManualBackend | AccelerateBackend
 
 
-def make_backend(config: BackendConfig, mixed_precision: MixedPrecision) -> Backend:
+def make_backend(config: BackendConfig, mixed_precision: MixedPrecision, inference: bool = False) -> Backend:
+    """``inference``: a run that only evaluates (``mixed_precision=auto`` may then pick fp16)."""
     if choose_backend(config) == BackendName.accelerate:
-        return AccelerateBackend(config, mixed_precision)
-    return ManualBackend(config, mixed_precision)
+        return AccelerateBackend(config, mixed_precision, inference)
+    return ManualBackend(config, mixed_precision, inference)
 
 
 __all__ = ["AccelerateBackend", "Backend", "ManualBackend", "choose_backend", "make_backend", "unwrap"]

@@ -1,23 +1,38 @@
 """Loading a saved run and predicting texts or files; export to the Hugging Face format.
 
 Loading is safe (``torch.load(..., weights_only=True)`` only) and strict: missing or
-unexpected keys and shape mismatches are listed. Never imports the training loop.
+unexpected keys and shape mismatches are listed. Prediction runs in bf16 (or fp16) autocast where
+the device computes it natively, as training's ``mixed_precision=auto`` decides, and in fp32
+elsewhere; probabilities come back in float32. Files are read in chunks, so memory is bounded by
+the chunk, not the file. Never imports the training loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
+from engine.backend import autocast_dtype, native_bf16, native_fp16, resolve_mixed_precision
 from engine.checkpoint import CheckpointError, load_info, locate
-from engine.config import ProblemType
+from engine.config import DataConfig, MixedPrecision, ProblemType
+from engine.data import DEFAULT_PAD_MULTIPLE
+from engine.errors import EngineError
 from engine.metrics import sigmoid, softmax
 from engine.model import load_hf_model
+from engine.sources import DataError, _name_columns, csv_options, file_format, read_table
+
+# Rows of a file read, tokenized and length-sorted at a time: predict_file's memory is bounded by
+# this, not by the file. Large enough that sorting within it leaves little padding.
+CHUNK_ROWS = 4096
 
 
 @dataclass
@@ -29,13 +44,22 @@ class Prediction:
 class TextClassifier:
     """A loaded checkpoint: ``predict(texts)`` gives label names and probabilities."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, info: dict[str, Any], device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        info: dict[str, Any],
+        device: torch.device,
+        precision: MixedPrecision = MixedPrecision.no,
+    ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.info = info
         self.device = device
+        self.precision = MixedPrecision(precision)  # resolved: no, bf16 or fp16
         data_cfg = info.get("config", {}).get("data", {})
         self.max_length = int(data_cfg.get("max_length", 512))
+        self.pad_to_multiple_of = int(data_cfg.get("pad_to_multiple_of") or DEFAULT_PAD_MULTIPLE)
         self.problem_type = ProblemType(info["problem_type"])
         self.id2label = {int(k): v for k, v in info["id2label"].items()}
         thresholds = info.get("thresholds", {})
@@ -45,28 +69,51 @@ class TextClassifier:
     def labels(self) -> list[str]:
         return [self.id2label[i] for i in range(len(self.id2label))]
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = autocast_dtype(self.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
     @torch.inference_mode()
     def logits(
-        self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64, progress: bool = False
+        self,
+        texts: list[str],
+        pairs: list[str] | None = None,
+        batch_size: int = 64,
+        progress: bool = False,
+        advance: Callable[[int], Any] | None = None,
     ) -> np.ndarray:
-        """Raw logits in input order; batches are sorted by length so padding stays small."""
+        """Raw float32 logits in input order; batches are sorted by length so padding stays small.
+        ``advance(rows)`` is called after each batch (a progress bar's ``update``)."""
         from tqdm.auto import tqdm
 
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pair texts")
+        out = np.zeros((len(texts), len(self.id2label)), dtype=np.float32)
+        if not texts:
+            return out
         encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
         lengths = [len(ids) for ids in encoded["input_ids"]]
         order = np.argsort(-np.asarray(lengths), kind="stable")
-        out = np.zeros((len(texts), len(self.id2label)), dtype=np.float32)
-        for start in tqdm(range(0, len(order), batch_size), desc="predict", disable=not progress):
+        bar = tqdm(total=len(texts), desc="predict", unit="rows", disable=not progress)
+        for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             features = [{k: encoded[k][i] for k in encoded.keys()} for i in rows]
-            batch = self.tokenizer.pad(features, return_tensors="pt")
+            batch = self.tokenizer.pad(features, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            out[rows] = self.model(**batch).logits.float().cpu().numpy()
+            with self.autocast():
+                logits = self.model(**batch).logits
+            out[rows] = logits.float().cpu().numpy()
+            bar.update(len(rows))
+            if advance is not None:
+                advance(len(rows))
+        bar.close()
         return out
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Softmax (single-label) or sigmoid (multi-label) probabilities, float32."""
+        logits = np.asarray(logits, dtype=np.float32)
         if self.problem_type == ProblemType.multi_label_classification:
             return sigmoid(logits)
         return softmax(logits)
@@ -94,6 +141,16 @@ class TextClassifier:
         names = self.labels
         return [Prediction(self.decide(row), {n: float(p) for n, p in zip(names, row, strict=True)}) for row in probs]
 
+    def table(self, probs: np.ndarray) -> pd.DataFrame:
+        """One row per row of ``probs``: ``label`` (or ``labels``, comma-joined) and ``prob_<name>`` columns."""
+        out = pd.DataFrame({f"prob_{name}": probs[:, i] for i, name in enumerate(self.labels)})
+        decided = [self.decide(row) for row in probs]
+        if self.problem_type == ProblemType.multi_label_classification:
+            out.insert(0, "labels", [",".join(labels) for labels in decided])
+        else:
+            out.insert(0, "label", decided)
+        return out
+
     def export(self, folder: str | os.PathLike) -> Path:
         """A Hugging Face folder (safetensors, tokenizer, id2label/label2id in config.json)."""
         folder = Path(folder)
@@ -102,8 +159,36 @@ class TextClassifier:
         return folder
 
 
-def load_classifier(path: str | os.PathLike, device: str | torch.device | None = None) -> TextClassifier:
-    """Load ``best_acc_classify.pth`` (or its run directory) for inference; CUDA when present."""
+def resolve_precision(precision: MixedPrecision | str, device: torch.device) -> MixedPrecision:
+    """``auto``: bf16 where ``device`` computes it natively, else fp16 on GPUs with fp16 tensor cores,
+    else fp32 (``no``), the decision training's ``mixed_precision=auto`` makes. An explicit bf16 or
+    fp16 that the device only emulates runs, correctly but slower than fp32, with a warning."""
+    try:
+        precision = MixedPrecision(precision)
+    except ValueError:
+        choices = ", ".join(p.value for p in MixedPrecision)
+        raise EngineError(f"precision={precision!r}: choose one of {choices}") from None
+    resolved = resolve_mixed_precision(precision, device.type, inference=True)
+    native = {MixedPrecision.bf16: native_bf16, MixedPrecision.fp16: native_fp16}.get(resolved)
+    if native is not None and not native(device.type):
+        warnings.warn(
+            f"precision={resolved.value}: {device.type} has no native {resolved.value}, so it is emulated "
+            "and slower than fp32 (precision=auto picks fp32 here)",
+            stacklevel=3,
+        )
+    return resolved
+
+
+def load_classifier(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    precision: MixedPrecision | str = MixedPrecision.auto,
+) -> TextClassifier:
+    """Load ``best_acc_classify.pth`` (or its run directory) for inference; CUDA when present.
+
+    ``precision``: ``auto`` (bf16 or fp16 where the device computes it natively, else fp32),
+    ``no`` (fp32), ``bf16`` or ``fp16``; see :func:`resolve_precision`.
+    """
     from transformers import AutoTokenizer
 
     weights_path, info_path = locate(path)
@@ -111,12 +196,77 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
     for key in ("model_source", "num_labels", "id2label", "problem_type"):
         if key not in info:
             raise CheckpointError(f"{info_path}: missing key {key!r}")
-    model = load_hf_model(weights_path, info)
-    tokenizer = AutoTokenizer.from_pretrained(info.get("tokenizer") or info["model_source"])
     resolved = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    return TextClassifier(model, tokenizer, info, resolved)
+    chosen = resolve_precision(precision, resolved)
+    model = load_hf_model(weights_path, info)
+    tokenizer = AutoTokenizer.from_pretrained(info.get("tokenizer") or info["model_source"])
+    return TextClassifier(model, tokenizer, info, resolved, chosen)
+
+
+def read_chunks(path: Path, data: DataConfig, rows: int) -> Iterator[pd.DataFrame]:
+    """The file in frames of at most ``rows`` rows, in file order, parsed as training parses it
+    (``sources.csv_options``). A JSON array cannot be read in parts: it is read whole and sliced."""
+    fmt = file_format(path, data)
+    try:
+        if fmt in ("csv", "tsv"):
+            options = csv_options(fmt, data)
+            with pd.read_csv(path, engine="c", chunksize=rows, **options) as reader:
+                for frame in reader:
+                    yield _name_columns(path, frame, options, data)
+        elif fmt == "jsonl":
+            with pd.read_json(path, lines=True, chunksize=rows, dtype=False, encoding="utf-8") as reader:
+                yield from reader
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
+                yield batch.to_pandas()
+        else:
+            frame = read_table(path, data)
+            for start in range(0, len(frame), rows):
+                yield frame.iloc[start : start + rows]
+    except DataError:
+        raise
+    except (UnicodeDecodeError, pd.errors.ParserError, ValueError):
+        read_table(path, data)  # fails on the same bytes, with training's one-line message
+        raise
+
+
+def _texts(frame: pd.DataFrame, column: str, path: Path, first_row: int) -> list[str]:
+    """The column as strings; a missing value (null, an absent field) or an empty text is an error
+    naming its data rows (counted from 1 over the whole file), as training's check does."""
+    values = frame[column]
+    empty = np.flatnonzero((values.isna() | values.astype(str).str.strip().eq("")).to_numpy())
+    if len(empty):
+        rows = ", ".join(str(first_row + r + 1) for r in empty[:10]) + (" ..." if len(empty) > 10 else "")
+        raise DataError(f"{path}: {len(empty)} rows with no text in column {column!r} (data rows {rows})")
+    return values.astype(str).tolist()
+
+
+def _count_rows(path: Path, fmt: str, header: bool) -> int | None:
+    """Rows for the progress bar's total without reading the file into memory: lines for csv/tsv/jsonl
+    (a quoted field spanning lines makes it an overestimate), the footer's count for parquet."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if fmt not in ("csv", "tsv", "jsonl"):
+        return None
+    lines, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            lines, last = lines + block.count(b"\n"), block[-1:]
+    if last != b"\n":
+        lines += 1  # a last line without its newline
+    return max(lines - 1, 0) if header and fmt != "jsonl" else lines
+
+
+def _rows_text(table: pd.DataFrame, fmt: str, header: bool) -> str:
+    if fmt == ".jsonl":
+        return table.to_json(orient="records", lines=True, force_ascii=False) if len(table) else ""
+    return table.to_csv(index=False, header=header, sep="\t" if fmt == ".tsv" else ",")
 
 
 def predict_file(
@@ -127,56 +277,81 @@ def predict_file(
     text_pair_column: str | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> Path:
-    """Predict every row of a csv/tsv/jsonl/json/parquet file; the output keeps row order and count."""
-    import pandas as pd
+    """Predict every row of a csv/tsv/jsonl/json/parquet file; the output keeps row order and count.
 
-    from engine.checkpoint import atomic_write
-    from engine.config import DataConfig
-    from engine.sources import DataError, read_table
+    The file is read ``chunk_rows`` rows at a time (memory is bounded by the chunk, not the file);
+    each chunk is tokenized, predicted in length-sorted batches and written in file order. The
+    output (``label``/``labels`` and ``prob_<name>`` columns) appears only when complete.
+    """
+    from tqdm.auto import tqdm
 
     trained = classifier.info.get("config", {}).get("data", {})
-    text_column = text_column or trained.get("text_column")
+    text_column = text_column or trained.get("text_column") or "text"
     text_pair_column = text_pair_column if text_pair_column is not None else trained.get("text_pair_column")
     input_file = Path(input_file)
-    frame = read_table(
-        input_file, DataConfig(text_column=text_column or "text", quoting=trained.get("quoting", "minimal"))
-    )
-    wanted = [c for c in (text_column, text_pair_column) if c]
-    missing = [c for c in wanted if c not in frame.columns]
-    if missing:
-        raise DataError(
-            f"{input_file}: no column {', '.join(map(repr, missing))}; it has {list(frame.columns)} "
-            "(set text_column= / text_pair_column=)"
-        )
-    texts = frame[text_column].astype(str).tolist()
-    pairs = frame[text_pair_column].astype(str).tolist() if text_pair_column else None
-    probs = classifier.probabilities(classifier.logits(texts, pairs, batch_size, progress))
-    names = classifier.labels
-    out = pd.DataFrame({f"prob_{name}": probs[:, i] for i, name in enumerate(names)})
-    decided = [classifier.decide(row) for row in probs]
-    if classifier.problem_type == ProblemType.multi_label_classification:
-        out.insert(0, "labels", [",".join(labels) for labels in decided])
-    else:
-        out.insert(0, "label", decided)
+    data = DataConfig(text_column=text_column, quoting=trained.get("quoting"))
+    if not input_file.is_file():
+        raise DataError(f"data file not found: {input_file}")
     suffix = input_file.suffix.lower() if input_file.suffix.lower() in (".csv", ".tsv", ".jsonl") else ".csv"
     output = Path(output_file) if output_file else input_file.with_name(f"{input_file.stem}.predictions{suffix}")
     fmt = output.suffix.lower()
-    if fmt == ".jsonl":
-        text = out.to_json(orient="records", lines=True)
-    else:
-        text = out.to_csv(index=False, sep="\t" if fmt == ".tsv" else ",")
-    atomic_write(output, lambda handle: handle.write(text.encode()))
+    wanted = [c for c in (text_column, text_pair_column) if c]
+    total = _count_rows(input_file, file_format(input_file, data), data.header)
+    bar = tqdm(total=total, desc="predict", unit="rows", dynamic_ncols=True, mininterval=0.5, disable=not progress)
+
+    def write(handle: Any) -> None:
+        done, chunks = 0, 0
+        for frame in read_chunks(input_file, data, chunk_rows):
+            missing = [c for c in wanted if c not in frame.columns]
+            if missing:
+                raise DataError(
+                    f"{input_file}: no column {', '.join(map(repr, missing))}; it has {list(frame.columns)} "
+                    "(set text_column= / text_pair_column=)"
+                )
+            texts = _texts(frame, text_column, input_file, done)
+            pairs = _texts(frame, text_pair_column, input_file, done) if text_pair_column else None
+            logits = classifier.logits(texts, pairs, batch_size, advance=bar.update)
+            table = classifier.table(classifier.probabilities(logits))
+            if len(table) != len(frame):
+                raise EngineError(
+                    f"{input_file}: data rows {done + 1}-{done + len(frame)} gave {len(table)} predictions "
+                    f"for {len(frame)} rows; nothing written"
+                )
+            handle.write(_rows_text(table, fmt, header=chunks == 0).encode())
+            done, chunks = done + len(frame), chunks + 1
+        if chunks == 0:  # nothing to read: the header alone
+            handle.write(_rows_text(classifier.table(np.zeros((0, len(classifier.labels)))), fmt, True).encode())
+
+    # Through a temp file beside the output, renamed when every row is written: a failure part-way
+    # (bad row, interrupt) leaves no half-written predictions.
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(partial, "wb") as handle:
+            write(handle)
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+        bar.close()
     return output
 
 
 def predict_cli(cfg: Any) -> None:
+    import sys
+
     from omegaconf import OmegaConf
 
-    from engine.errors import EngineError
-
     config = OmegaConf.to_object(cfg)
-    classifier = load_classifier(config.checkpoint, config.device)
+    # Warnings of loading (an emulated precision) as one line each: Hydra's logging is off here.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # PredictConfig.precision (engine/config.py); auto until the schema declares it
+        precision = getattr(config, "precision", MixedPrecision.auto)
+        classifier = load_classifier(config.checkpoint, config.device, precision)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     did = False
     if config.export_dir:
         print(f"exported to {classifier.export(config.export_dir)}")

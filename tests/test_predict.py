@@ -132,6 +132,8 @@ def test_eval_only_run_on_the_test_split(run_dir, tmp_path):
     metrics = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["samples"] == 50 and metrics["source"].endswith("test.tsv")
     assert 0.0 <= metrics["accuracy"] <= 1.0
+    # trainer.mixed_precision=auto, resolved as prediction resolves it: bf16 where native, else fp32
+    assert metrics["precision"] == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no")
     assert not (tmp_path / "eval" / "best_acc_classify.pth").exists()
 
 
