@@ -221,6 +221,8 @@ class PredictConfig:
     text_pair_column: str | None = None
     batch_size: int = 64
     device: str | None = None
+    # auto: bf16 (fp16 on pre-Ampere GPUs) where the device computes it natively, else fp32 (no)
+    precision: MixedPrecision = MixedPrecision.auto
     # Write the model as a Hugging Face folder (safetensors, tokenizer, id2label) here.
     export_dir: str | None = None
     progress: bool = True

@@ -145,7 +145,8 @@ def train(cfg: DictConfig | Config) -> float:
     """Fine-tune, evaluate and keep the best checkpoint; return the best dev metric."""
     origin = startup_origin()
     config = validate(cfg) if isinstance(cfg, DictConfig) else cfg
-    backend = make_backend(config.backend, config.trainer.mixed_precision)
+    # An evaluation-only run resolves precision as prediction does (fp16 where native on GPUs without bf16).
+    backend = make_backend(config.backend, config.trainer.mixed_precision, inference=not config.trainer.do_train)
     try:
         run_dir = resolve_run_dir(config, backend)
         with checkpoint.RunDirLock(run_dir, enabled=backend.is_main_process):

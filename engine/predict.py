@@ -189,7 +189,7 @@ def load_classifier(
     ``precision``: ``auto`` (bf16 or fp16 where the device computes it natively, else fp32),
     ``no`` (fp32), ``bf16`` or ``fp16``; see :func:`resolve_precision`.
     """
-    from transformers import AutoTokenizer
+    from engine.model import load_tokenizer
 
     weights_path, info_path = locate(path)
     info = load_info(info_path)
@@ -201,7 +201,7 @@ def load_classifier(
     )
     chosen = resolve_precision(precision, resolved)
     model = load_hf_model(weights_path, info)
-    tokenizer = AutoTokenizer.from_pretrained(info.get("tokenizer") or info["model_source"])
+    tokenizer = load_tokenizer(info.get("tokenizer") or info["model_source"])  # never remote code
     return TextClassifier(model, tokenizer, info, resolved, chosen)
 
 
@@ -347,9 +347,7 @@ def predict_cli(cfg: Any) -> None:
     # Warnings of loading (an emulated precision) as one line each: Hydra's logging is off here.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # PredictConfig.precision (engine/config.py); auto until the schema declares it
-        precision = getattr(config, "precision", MixedPrecision.auto)
-        classifier = load_classifier(config.checkpoint, config.device, precision)
+        classifier = load_classifier(config.checkpoint, config.device, config.precision)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     did = False

@@ -14,7 +14,7 @@ import torch
 
 import engine.predict as predict_module
 from engine.backend import resolve_mixed_precision
-from engine.config import MixedPrecision, PredictConfig
+from engine.config import MixedPrecision
 from engine.errors import EngineError
 from engine.loop import train
 from engine.predict import load_classifier, predict_file, resolve_precision
@@ -131,9 +131,6 @@ def test_auto_here_follows_this_cpu(run_dir):
     assert classifier.precision == (MixedPrecision.bf16 if native else MixedPrecision.no)
 
 
-@pytest.mark.skipif(
-    "precision" not in PredictConfig.__dataclass_fields__, reason="PredictConfig has no precision key yet"
-)
 def test_cli_precision_key(run_dir, tmp_path):
     def run(precision):
         return subprocess.run(

@@ -409,3 +409,18 @@ def test_temp_files_of_a_killed_writer_go_and_an_unwritable_run_dir_is_one_line(
     (tmp_path / "a_file").write_text("")
     with pytest.raises(EngineError, match=r"cannot make the run directory .*a_file/run: Not a directory"):
         train(make_cfg(*csv_run(tmp_path), output_dir=tmp_path / "a_file" / "run"))
+
+
+def test_a_received_run_naming_a_model_folder_with_its_own_code_is_refused(custom_code_folder, tmp_path):
+    import torch
+
+    from engine.predict import load_classifier
+
+    run = tmp_path / "received_run"
+    run.mkdir()
+    torch.save({}, run / checkpoint.BEST_WEIGHTS)
+    info = {"model_source": str(custom_code_folder), "num_labels": 2, "id2label": {"0": "a", "1": "b"}}
+    (run / checkpoint.BEST_INFO).write_text(json.dumps({**info, "problem_type": "single_label_classification"}))
+    with pytest.raises(ModelLoadError, match=r"config.json: refusing a model that ships its own code"):
+        load_classifier(run, device="cpu")
+    assert not (tmp_path / "ran").exists()
