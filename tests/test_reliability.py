@@ -386,7 +386,7 @@ def test_a_byte_order_mark_is_read_cleanly(tmp_path, make_cfg):
 
 @pytest.mark.slow
 def test_fewer_training_rows_than_processes(tmp_path):
-    (tmp_path / "train.csv").write_text("text,label\nonly one,1\n")
+    (tmp_path / "train.csv").write_text("text,label\nonly one,0\n")
     launcher = accelerate_launch(29612)
     result = _run(
         [
