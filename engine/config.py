@@ -145,7 +145,8 @@ class TrainerConfig:
     # epoch end; false writes none.
     save_state: bool = True
     save_every: int = 0
-    # A non-finite loss or gradient: skip the step, or stop the run. Too many skips stop it too.
+    # Non-finite gradients: skip the update (the weights and optimizer state stay as they were), or
+    # stop the run; too many skips stop it too. Counted at the next logging step (log_every).
     on_nonfinite: NonFinite = NonFinite.skip
     max_nonfinite: int = 10
 

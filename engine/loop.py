@@ -31,7 +31,7 @@ from engine.errors import EngineError
 from engine.evaluation import BestKeeper, evaluate, evaluate_checkpoint, format_metrics
 from engine.metrics import compute_metrics, confusion, per_class_report, sigmoid, tune_thresholds
 from engine.model import build_classifier, load_tokenizer
-from engine.optim import build_optimizer, build_scheduler, total_steps
+from engine.optim import build_optimizer, build_scheduler, device_skippable, total_steps
 from engine.sources import format_preflight
 
 log = logging.getLogger("engine.loop")
@@ -227,12 +227,17 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
         keep_best.check_on_disk(progress, classifier)
     window_loss = extra.get("window_loss", torch.zeros(())).to(backend.device)
     window_tokens = extra.get("window_tokens", torch.zeros((), dtype=torch.long)).to(backend.device)
+    window_skipped = extra.get("window_skipped", torch.zeros((), dtype=torch.long)).to(backend.device)
     if state_folder is not None:
         checkpoint.restore_rng(saved["rng"])  # last: the resumed run draws the uninterrupted run's masks
 
     def save_state() -> None:
         if t.save_state:
-            windows = {"window_loss": window_loss.cpu(), "window_tokens": window_tokens.cpu()}
+            windows = {
+                "window_loss": window_loss.cpu(),
+                "window_tokens": window_tokens.cpu(),
+                "window_skipped": window_skipped.cpu(),
+            }
             if keep_best.predictions is not None:
                 best_logits, best_labels = keep_best.predictions
                 windows.update(best_logits=torch.from_numpy(best_logits), best_labels=torch.from_numpy(best_labels))
@@ -242,6 +247,9 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
     startup_seconds: float | None = None
     bar = tracking.progress_bar(steps, progress.global_step, t.progress and backend.is_main_process)
     parameters = list(model.parameters())  # walking the modules for them each step costs ~0.5 ms
+    fp16 = backend.mixed_precision == MixedPrecision.fp16
+    skips_on_device = None if fp16 else device_skippable(optimizer)
+    no_flag = torch.zeros((), dtype=torch.bool, device=backend.device)
     window_start = time.perf_counter()
     model.train()
     with resume.StopSignal() as stop:
@@ -255,19 +263,17 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                 micro_batches = [backend.to_device(b) for b in micro_batches]
                 step_loss = forward_backward(model, classifier, backend, micro_batches)
                 grad_norm = backend.clip_grad_norm_(parameters, t.max_grad_norm or float("inf"))
-                # Skip a step whose gradients hold a NaN/Inf. The norm is of the all-reduced gradients, so a
-                # NaN loss on any rank gives every rank the same answer with no extra all-reduce; reading it
-                # is this step's one CPU-GPU sync. fp16's GradScaler and DeepSpeed (no norm) skip on their own.
-                finite = (
-                    grad_norm is None
-                    or backend.mixed_precision == MixedPrecision.fp16
-                    or bool(torch.isfinite(grad_norm))
-                )
-                if not finite:
-                    optimizer.zero_grad(set_to_none=True)
-                    skip_nonfinite_step(progress, t, step_loss, grad_norm)
-                    continue
-                optimizer.step()
+                # A step whose gradients hold a NaN/Inf leaves the weights and optimizer state as they were
+                # (it still counts in the schedule). The norm is of the all-reduced gradients: every rank
+                # decides alike. The fused AdamW skips on the device, told by the flag GradScaler also uses,
+                # so no CPU-GPU sync; another optimizer reads the flag here. fp16's GradScaler and DeepSpeed
+                # (no norm) skip on their own. The count is checked at the next logging step.
+                nonfinite = no_flag if grad_norm is None or fp16 else ~torch.isfinite(grad_norm)
+                if skips_on_device is not None:
+                    skips_on_device.found_inf = nonfinite.float()
+                    optimizer.step()
+                elif not bool(nonfinite):
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if startup_seconds is None:
@@ -276,16 +282,19 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                 progress.global_step += 1
                 progress.step_in_epoch += 1
                 step = progress.global_step
-                window_loss += step_loss
+                window_loss += torch.where(nonfinite, 0.0, step_loss)
+                window_skipped += nonfinite
                 window_tokens += sum(b["attention_mask"].sum() for b in micro_batches)
                 progress.window_samples += sum(b["labels"].shape[0] for b in micro_batches)
                 progress.window_steps += 1
                 bar.update(1)
 
                 if step % t.log_every == 0 or step == steps:  # a CPU-GPU sync and all-reduces: every log_every steps
+                    count_nonfinite_steps(progress, t, int(window_skipped))
                     lr = scheduler.get_last_lr()[0]
                     norm = grad_norm if t.max_grad_norm else None
-                    log_window(backend, tracker, bar, progress, window_loss, window_tokens, window_start, lr, norm)
+                    windows = (window_loss, window_tokens, window_skipped)
+                    log_window(backend, tracker, bar, progress, *windows, window_start, lr, norm)
                     window_start = time.perf_counter()
 
                 paused = time.perf_counter()  # evaluating and saving are not training time
@@ -354,10 +363,15 @@ def read_data(config: Config, tokenizer: Any, backend: Backend, run_dir: Path) -
     return data
 
 
-def log_window(backend, tracker, bar, progress, window_loss, window_tokens, window_start, lr, grad_norm) -> None:
-    """Log the steps since the last log (loss, rate, throughput over all processes), then empty the window."""
+def log_window(
+    backend, tracker, bar, progress, window_loss, window_tokens, window_skipped, window_start, lr, grad_norm
+) -> None:
+    """Log the steps since the last log (loss, rate, throughput over all processes), then empty the window.
+    The loss is the mean over the window's finite steps (``None`` when it has none)."""
     elapsed = time.perf_counter() - window_start
-    mean_loss = float(backend.reduce_sum(window_loss) / backend.num_processes / progress.window_steps)
+    finite_steps = progress.window_steps - int(window_skipped)
+    total_loss = float(backend.reduce_sum(window_loss) / backend.num_processes)
+    mean_loss = total_loss / finite_steps if finite_steps else None
     samples = int(backend.reduce_sum(torch.tensor(progress.window_samples, device=backend.device)))
     tokens = int(backend.reduce_sum(window_tokens))
     record = {
@@ -369,30 +383,33 @@ def log_window(backend, tracker, bar, progress, window_loss, window_tokens, wind
         "tokens_per_s": tokens / max(elapsed, 1e-9),
     }
     tracker.log("train", record, progress.global_step)
-    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{record['samples_per_s']:.1f}")
+    bar.set_postfix(loss=f"{mean_loss or float('nan'):.4f}", lr=f"{lr:.2e}", samples_s=f"{record['samples_per_s']:.1f}")
     progress.train_samples += samples
     progress.train_tokens += tokens
     progress.train_seconds += elapsed
     window_loss.zero_()
     window_tokens.zero_()
+    window_skipped.zero_()
     progress.window_steps, progress.window_samples = 0, 0
 
 
-def skip_nonfinite_step(progress: resume.Progress, t: Any, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-    """Count a step whose loss or gradient was NaN/Inf (its gradients already dropped); stop the run
-    when ``trainer.on_nonfinite=stop`` or after ``trainer.max_nonfinite`` of them."""
-    progress.nonfinite_steps += 1
-    message = (
-        f"non-finite loss or gradient at step {progress.global_step + 1} "
-        f"(grad norm {float(grad_norm):.4g}, this process's loss {float(step_loss):.4g})"
-    )
+def count_nonfinite_steps(progress: resume.Progress, t: Any, skipped: int) -> None:
+    """Count the window's steps whose gradients were NaN/Inf (their updates already skipped); stop the
+    run when ``trainer.on_nonfinite=stop`` or after ``trainer.max_nonfinite`` of them."""
+    if not skipped:
+        return
+    progress.nonfinite_steps += skipped
+    last = progress.global_step
+    first = last - progress.window_steps + 1
+    where = f"at step {last}" if first == last else f"in {skipped} of steps {first}-{last}"
+    message = f"non-finite gradients {where}"
     if t.on_nonfinite == NonFinite.stop or progress.nonfinite_steps > t.max_nonfinite:
         raise EngineError(
             f"{message}; stopping (trainer.on_nonfinite={t.on_nonfinite.value}, "
             f"{progress.nonfinite_steps} non-finite steps, "
             f"trainer.max_nonfinite={t.max_nonfinite}); nothing non-finite was saved"
         )
-    log.warning("%s: step skipped (%d so far)", message, progress.nonfinite_steps)
+    log.warning("%s: update skipped (%d so far)", message, progress.nonfinite_steps)
 
 
 def describe_checkpoint(config: Config, data: Any, resolved: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -42,6 +43,15 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.de
         eps=optim.eps,
         fused=fused or None,
     )
+
+
+def device_skippable(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside ``optimizer`` (Accelerate's wrapper, ...) when it can skip an update
+    on the device: the fused Adam/AdamW leave weights and state as they were while their ``found_inf``
+    flag (the one ``torch.amp.GradScaler`` sets) is 1. ``None`` for any other optimizer."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    fused = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and bool(inner.defaults.get("fused"))
+    return inner if fused else None
 
 
 def total_steps(batches_per_epoch: int, grad_accum_steps: int, epochs: int, max_steps: int | None) -> int:

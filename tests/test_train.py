@@ -260,3 +260,23 @@ def test_a_backend_that_returns_no_gradient_norm_trains(make_cfg, tmp_path, monk
     assert 0.0 <= train(make_cfg(*TINY)) <= 1.0
     steps = [json.loads(x) for x in (tmp_path / "run" / "train_steps.jsonl").read_text().splitlines()]
     assert len(steps) == 8 and all(s["grad_norm"] is None for s in steps)
+
+
+def test_only_a_fused_adam_skips_on_the_device():
+    from engine.optim import device_skippable
+
+    parameter = torch.nn.Parameter(torch.ones(3))
+    fused = torch.optim.AdamW([parameter], fused=True)
+
+    class Wrapper:  # as Accelerate wraps an optimizer
+        optimizer = fused
+
+    assert device_skippable(fused) is fused and device_skippable(Wrapper()) is fused
+    assert device_skippable(torch.optim.AdamW([parameter], foreach=True)) is None
+    assert device_skippable(torch.optim.SGD([parameter], lr=0.1)) is None
+    weights, (parameter.grad, fused.found_inf) = (
+        parameter.detach().clone(),
+        (torch.full((3,), float("nan")), torch.ones(())),
+    )
+    fused.step()
+    assert torch.equal(parameter.detach(), weights) and fused.state[parameter]["step"].item() == 0
