@@ -28,7 +28,7 @@ from engine.data import DEFAULT_PAD_MULTIPLE
 from engine.errors import EngineError
 from engine.metrics import sigmoid, softmax
 from engine.model import load_hf_model
-from engine.sources import DataError, _name_columns, csv_options, file_format, read_table
+from engine.sources import DataError, check_texts, csv_options, file_format, name_columns, read_table
 
 # Rows of a file read, tokenized and length-sorted at a time: predict_file's memory is bounded by
 # this, not by the file. Large enough that sorting within it leaves little padding.
@@ -214,7 +214,7 @@ def read_chunks(path: Path, data: DataConfig, rows: int) -> Iterator[pd.DataFram
             options = csv_options(fmt, data)
             with pd.read_csv(path, engine="c", chunksize=rows, **options) as reader:
                 for frame in reader:
-                    yield _name_columns(path, frame, options, data)
+                    yield name_columns(path, frame, options, data)
         elif fmt == "jsonl":
             with pd.read_json(path, lines=True, chunksize=rows, dtype=False, encoding="utf-8") as reader:
                 yield from reader
@@ -232,17 +232,6 @@ def read_chunks(path: Path, data: DataConfig, rows: int) -> Iterator[pd.DataFram
     except (UnicodeDecodeError, pd.errors.ParserError, ValueError):
         read_table(path, data)  # fails on the same bytes, with training's one-line message
         raise
-
-
-def _texts(frame: pd.DataFrame, column: str, path: Path, first_row: int) -> list[str]:
-    """The column as strings; a missing value (null, an absent field) or an empty text is an error
-    naming its data rows (counted from 1 over the whole file), as training's check does."""
-    values = frame[column]
-    empty = np.flatnonzero((values.isna() | values.astype(str).str.strip().eq("")).to_numpy())
-    if len(empty):
-        rows = ", ".join(str(first_row + r + 1) for r in empty[:10]) + (" ..." if len(empty) > 10 else "")
-        raise DataError(f"{path}: {len(empty)} rows with no text in column {column!r} (data rows {rows})")
-    return values.astype(str).tolist()
 
 
 def _count_rows(path: Path, fmt: str, header: bool) -> int | None:
@@ -291,7 +280,13 @@ def predict_file(
     text_column = text_column or trained.get("text_column") or "text"
     text_pair_column = text_pair_column if text_pair_column is not None else trained.get("text_pair_column")
     input_file = Path(input_file)
-    data = DataConfig(text_column=text_column, quoting=trained.get("quoting"))
+    # Parsed as training parsed its files: quoting, and a header-less file's column names.
+    data = DataConfig(
+        text_column=text_column,
+        quoting=trained.get("quoting"),
+        column_names=trained.get("column_names"),
+        header=trained.get("header", True),
+    )
     if not input_file.is_file():
         raise DataError(f"data file not found: {input_file}")
     suffix = input_file.suffix.lower() if input_file.suffix.lower() in (".csv", ".tsv", ".jsonl") else ".csv"
@@ -310,8 +305,12 @@ def predict_file(
                     f"{input_file}: no column {', '.join(map(repr, missing))}; it has {list(frame.columns)} "
                     "(set text_column= / text_pair_column=)"
                 )
-            texts = _texts(frame, text_column, input_file, done)
-            pairs = _texts(frame, text_pair_column, input_file, done) if text_pair_column else None
+            texts = check_texts(frame[text_column], str(input_file), text_column, done)
+            pairs = (
+                check_texts(frame[text_pair_column], str(input_file), text_pair_column, done)
+                if text_pair_column
+                else None
+            )
             logits = classifier.logits(texts, pairs, batch_size, advance=bar.update)
             table = classifier.table(classifier.probabilities(logits))
             if len(table) != len(frame):

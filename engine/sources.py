@@ -128,7 +128,7 @@ def _unclosed_quote_line(path: Path, options: dict[str, Any]) -> int:
     return spans[-1][0] if spans else 0
 
 
-def _name_columns(path: Path, frame: pd.DataFrame, options: dict[str, Any], data: DataConfig) -> pd.DataFrame:
+def name_columns(path: Path, frame: pd.DataFrame, options: dict[str, Any], data: DataConfig) -> pd.DataFrame:
     if data.column_names is not None:
         if frame.shape[1] != len(data.column_names):
             raise DataError(
@@ -156,7 +156,7 @@ def read_table(path: str | os.PathLike, data: DataConfig) -> pd.DataFrame:
     try:
         if fmt in ("csv", "tsv"):
             frame = pd.read_csv(path, engine="c", **options)
-            frame = _name_columns(path, frame, options, data)
+            frame = name_columns(path, frame, options, data)
             if options["quoting"] != csv.QUOTE_NONE:
                 _check_fields_spanning_lines(path, frame, options)
         elif fmt in ("json", "jsonl"):
@@ -412,17 +412,15 @@ def read_raw_splits(data: DataConfig, want: Sequence[str]) -> dict[str, RawSplit
         limit = data.max_train_samples if split == "train" else data.max_eval_samples
         if limit is not None:
             frame = frame.iloc[:limit]
-        text_columns = [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
-        for column in text_columns:
-            check_texts(frame[column], source, column)
+        texts = check_texts(frame[data.text_column], source, data.text_column)
+        pair_column = data.text_pair_column
+        pairs = check_texts(frame[pair_column], source, pair_column) if pair_column else None
         labels = frame[data.label_column]
         null = np.flatnonzero(labels.isna().to_numpy())
         if len(null):
             raise DataError(
                 f"{source}: {len(null)} rows without a label in column {data.label_column!r} ({_rows(null)})"
             )
-        texts = frame[data.text_column].astype(str).tolist()
-        pairs = frame[data.text_pair_column].astype(str).tolist() if data.text_pair_column else None
         splits[split] = RawSplit(split, source, texts, pairs, labels.tolist())
     return splits
 
@@ -431,12 +429,14 @@ def _rows(rows: Sequence[int]) -> str:
     return f"data rows {', '.join(str(r + 1) for r in rows[:10])}{' ...' if len(rows) > 10 else ''}"
 
 
-def check_texts(values: pd.Series, source: str, column: str) -> None:
-    """Every row has a text: a missing value (null, an empty field) or only spaces is named by its
-    data row; the word "nan" is a text like any other."""
+def check_texts(values: pd.Series, source: str, column: str, first_row: int = 0) -> list[str]:
+    """The column's texts. Every row must have one: a missing value (null, an empty field) or only
+    spaces is named by its data row (``first_row`` rows before this part of the file); the word
+    "nan" is a text like any other."""
     empty = np.flatnonzero((values.isna() | values.astype(str).str.strip().eq("")).to_numpy())
     if len(empty):
-        raise DataError(f"{source}: {len(empty)} rows with no text in column {column!r} ({_rows(empty)})")
+        raise DataError(f"{source}: {len(empty)} rows with no text in column {column!r} ({_rows(empty + first_row)})")
+    return values.astype(str).tolist()
 
 
 def label_counts(label_ids: Sequence[Any], space: LabelSpace) -> list[int]:
