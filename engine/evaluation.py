@@ -18,6 +18,7 @@ from engine.data import eval_loader, load_data, loader_workers, make_collator, r
 from engine.errors import EngineError
 from engine.metrics import compute_metrics, load_metric, per_class_report
 from engine.model import plain_state_dict
+from engine.optim import averaged_weights
 
 log = logging.getLogger("engine.loop")
 
@@ -78,11 +79,23 @@ class BestKeeper:
 
     The best value and step live in the loop's ``progress`` (so a resumed run knows them); the
     best evaluation's logits and labels are kept here for the thresholds and plots at the end.
+    With a moving average of the weights (``averaged``, ``trainer.ema_decay``) it is the average
+    that is evaluated and saved. It also counts evaluations without improvement for early
+    stopping and sets ``progress.early_stopped`` when ``trainer.early_stopping_patience`` runs out.
     """
 
-    def __init__(self, run_dir: Path, config: Config, backend: Any, labels: Any, describe: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        config: Config,
+        backend: Any,
+        labels: Any,
+        describe: dict[str, Any],
+        averaged: torch.nn.Module | None = None,
+    ) -> None:
         self.run_dir, self.config, self.backend, self.labels = run_dir, config, backend, labels
         self.describe = describe  # what the .json says besides the metric and step
+        self.averaged = averaged
         t = config.trainer
         self.sign = 1.0 if t.greater_is_better else -1.0
         self.predictions: tuple[np.ndarray, np.ndarray] | None = None
@@ -123,7 +136,8 @@ class BestKeeper:
                 loss = classifier.loss_from_logits(torch.from_numpy(logits), torch.from_numpy(gold))
                 metrics = {"loss": float(loss), **compute_metrics(logits, gold, self.labels.problem_type)}
                 epoch = progress.epoch - 1 if progress.step_in_epoch == 0 and progress.epoch > 0 else progress.epoch
-                self._save(plain_state_dict(classifier), metrics, epoch, progress.global_step)
+                with averaged_weights(self.averaged, classifier.hf_model):
+                    self._save(plain_state_dict(classifier), metrics, epoch, progress.global_step)
                 log.warning("%s: written again from the resumed state, whose weights are the best", problem)
                 problem = None
         problem = self.backend.broadcast_object(problem)
@@ -135,13 +149,15 @@ class BestKeeper:
 
     def __call__(self, model, loader, order, progress, tracker, epoch: int) -> dict[str, float]:
         t, step = self.config.trainer, progress.global_step
-        metrics, logits, gold = evaluate(model, loader, self.backend, self.labels.problem_type, t.progress, order)
-        value = metric_for_best(metrics, t.metric_for_best)
-        best = progress.best_value
-        # A non-finite metric, or non-finite weights (checked in save_best), never become "best".
-        improved = math.isfinite(value) and (best is None or self.sign * (value - best) > 0)
-        if improved and self.backend.is_main_process:
-            self._save(plain_state_dict(self.backend.unwrap_model(model)), metrics, epoch, step)
+        hf_model = self.backend.unwrap_model(model).hf_model
+        with averaged_weights(self.averaged, hf_model):
+            metrics, logits, gold = evaluate(model, loader, self.backend, self.labels.problem_type, t.progress, order)
+            value = metric_for_best(metrics, t.metric_for_best)
+            best = progress.best_value
+            # A non-finite metric, or non-finite weights (checked in save_best), never become "best".
+            improved = math.isfinite(value) and (best is None or self.sign * (value - best) > 0)
+            if improved and self.backend.is_main_process:
+                self._save(plain_state_dict(hf_model), metrics, epoch, step)
         # Every rank computed the same metric from the same gathered predictions, so all agree.
         if improved:
             progress.best_value, progress.best_step, self.predictions = value, step, (logits, gold)
@@ -151,8 +167,25 @@ class BestKeeper:
             report = per_class_report(logits, gold, self.labels.problem_type, self.labels.names)
             tracking.append_per_class(self.run_dir, report, step)
         progress.last_eval_step = step
+        self._count_patience(progress, value, best)
         self.backend.wait_for_everyone()
         return metrics
+
+    def _count_patience(self, progress: Any, value: float, best: float | None) -> None:
+        """Early stopping: an evaluation that beats the best before it by more than
+        ``trainer.early_stopping_threshold`` resets the count; any other adds one."""
+        t = self.config.trainer
+        if t.early_stopping_patience is None:
+            return
+        beats = math.isfinite(value) and (best is None or self.sign * (value - best) > t.early_stopping_threshold)
+        progress.evals_without_improvement = 0 if beats else progress.evals_without_improvement + 1
+        if progress.evals_without_improvement >= t.early_stopping_patience:
+            progress.early_stopped = True
+            log.info(
+                "early stopping at step %d: %d evaluations without %s improving by more than %g (best %s at step %d)",
+                *(progress.global_step, progress.evals_without_improvement, t.metric_for_best),
+                *(t.early_stopping_threshold, progress.best_value, progress.best_step),
+            )
 
 
 def evaluate_checkpoint(config: Config, backend: Any, run_dir: Path) -> float:

@@ -274,7 +274,8 @@ def build_model(
 
 def build_classifier(config: Any, data: Any) -> ClassifierWithLoss:
     """The run's classifier from ``config`` (model, loss) and the read data (its label space and
-    training label counts): class weights resolved, multi-label output bias set from the priors."""
+    training label counts): class weights resolved, the top ``model.reinit_layers`` encoder layers
+    re-initialised, multi-label output bias set from the priors."""
     labels = data.labels
     weights = resolve_class_weights(
         config.loss.class_weights, data.train_label_counts, labels.problem_type, len(data.train)
@@ -282,9 +283,26 @@ def build_classifier(config: Any, data: Any) -> ClassifierWithLoss:
     if weights is not None:
         log.info("class weights: %s", [round(w, 4) for w in weights])
     model = build_model(config.model, labels.num_labels, labels.id2label, labels.problem_type, weights)
+    if config.model.reinit_layers:
+        reinit_top_layers(model.hf_model, config.model.reinit_layers)
+        log.info("re-initialised the top %d encoder layer(s) and the pooler", config.model.reinit_layers)
     if config.model.init_bias_from_priors and init_bias_from_priors(model, data.train_label_counts, len(data.train)):
         log.info("output bias initialised to the labels' log prior odds (multi-label, no pos_weight)")
     return model
+
+
+def reinit_top_layers(hf_model: nn.Module, count: int) -> None:
+    """Re-initialise the top ``count`` encoder layers (``encoder.layer``) and the pooler with the
+    model's own ``_init_weights``, as a fresh model of its class would start (Zhang et al. 2021)."""
+    layers = next((m for n, m in hf_model.named_modules() if n.endswith("encoder.layer")), None)
+    if not isinstance(layers, nn.ModuleList) or count > len(layers):
+        found = f"has {len(layers)} encoder layers" if isinstance(layers, nn.ModuleList) else "has no encoder.layer"
+        raise EngineError(f"model.reinit_layers={count}: {type(hf_model).__name__} {found}")
+    pooler = next((m for n, m in hf_model.named_modules() if n.endswith("pooler")), None)
+    for module in [*layers[len(layers) - count :], *([pooler] if pooler is not None else [])]:
+        for parameter in module.parameters():
+            parameter._is_hf_initialized = False  # transformers skips loaded tensors marked as initialised
+        module.apply(hf_model._init_weights)
 
 
 def init_bias_from_priors(model: ClassifierWithLoss, label_counts: Sequence[int], n_samples: int) -> bool:

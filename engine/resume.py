@@ -31,6 +31,7 @@ MUST_MATCH = (
     "model.pretrained",
     "model.config_overrides",
     "model.dropout",
+    "model.reinit_layers",
     "data.name",
     "data.subset",
     "data.train_file",
@@ -60,11 +61,15 @@ MUST_MATCH = (
     "trainer.metric_for_best",
     "trainer.greater_is_better",
     "trainer.mixed_precision",
+    "trainer.ema_decay",
+    "trainer.early_stopping_patience",
+    "trainer.early_stopping_threshold",
     "optim",
     "loss",
     "seed",
 )
 DATA_FILES = ("data.train_file", "data.validation_file")
+EMA_KEY = "ema"  # the moving average of the weights (trainer.ema_decay): its AveragedModel state_dict
 
 
 @dataclass
@@ -78,6 +83,8 @@ class Progress:
     best_value: float | None = None
     best_step: int = -1
     last_eval_step: int = -1
+    evals_without_improvement: int = 0  # early stopping's count (trainer.early_stopping_patience)
+    early_stopped: bool = False
     nonfinite_steps: int = 0
     window_steps: int = 0
     window_samples: int = 0
@@ -166,8 +173,10 @@ def save(
     scheduler: Any,
     extra_tensors: dict[str, Any],
     config: dict[str, Any],
+    averaged: torch.nn.Module | None = None,
 ) -> Path | None:
-    """Write a complete state for every rank; the previous state goes only once this one is complete."""
+    """Write a complete state for every rank; the previous state goes only once this one is complete.
+    ``averaged``: the moving average of the weights (``trainer.ema_decay``), saved as its own part."""
     from engine.model import plain_state_dict
 
     folder = checkpoint.begin_state(run_dir, progress.global_step) if backend.is_main_process else None
@@ -181,6 +190,9 @@ def save(
         checkpoint.write_state_part(folder, checkpoint.OPTIMIZER_KEY, optimizer.state_dict())
         checkpoint.write_state_part(folder, checkpoint.SCHEDULER_KEY, scheduler.state_dict())
         checkpoint.write_state_part(folder, "extra", extra_tensors)
+        if averaged is not None:
+            averaged_state = {k: v.detach().cpu() for k, v in averaged.state_dict().items()}
+            checkpoint.write_state_part(folder, EMA_KEY, averaged_state)
     backend.wait_for_everyone()
     if backend.is_main_process:
         final = checkpoint.commit_state(
@@ -220,6 +232,8 @@ def load(folder: Path, backend: Any, config: dict[str, Any]) -> tuple[Progress, 
         for name in (checkpoint.MODEL_KEY, checkpoint.OPTIMIZER_KEY, checkpoint.SCHEDULER_KEY, "extra")
     }
     parts["rng"] = checkpoint.load_state_part(folder, f"rng_rank{backend.process_index}")
+    if _get(meta.get("config", {}), "trainer.ema_decay") is not None:
+        parts[EMA_KEY] = checkpoint.load_state_part(folder, EMA_KEY)
     return Progress(**meta["progress"]), parts
 
 
@@ -255,9 +269,16 @@ class StopSignal:
 
 
 def restore(
-    folder: Path, backend: Any, config: dict[str, Any], hf_model: torch.nn.Module, optimizer: Any, scheduler: Any
+    folder: Path,
+    backend: Any,
+    config: dict[str, Any],
+    hf_model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    averaged: torch.nn.Module | None = None,
 ) -> tuple[Progress, dict[str, Any]]:
-    """Load a state into the fresh (transformers) model, optimizer and schedule; returns the progress and the
+    """Load a state into the fresh (transformers) model, optimizer, schedule and moving average of the
+    weights (``averaged``, where ``trainer.ema_decay`` is set); returns the progress and the
     state's other parts (``extra`` tensors, this rank's ``rng``: restore that last, right before
     the first step, so the resumed run draws the same dropout masks as the uninterrupted one)."""
     progress, parts = load(folder, backend, config)
@@ -265,5 +286,7 @@ def restore(
     hf_model.load_state_dict(parts[checkpoint.MODEL_KEY])
     optimizer.load_state_dict(parts[checkpoint.OPTIMIZER_KEY])
     scheduler.load_state_dict(parts[checkpoint.SCHEDULER_KEY])
+    if averaged is not None:
+        averaged.load_state_dict(parts[EMA_KEY])
     log.info("resuming from %s: epoch %d, step %d", folder, progress.epoch, progress.global_step)
     return progress, parts
