@@ -59,6 +59,8 @@ class ModelConfig:
     # Multi-label without pos_weight: start the output bias at each label's log prior odds.
     init_bias_from_priors: bool = True
     attn_implementation: str | None = "sdpa"
+    # Re-initialise the top k encoder layers and the pooler after loading (0: keep all pretrained).
+    reinit_layers: int = 0
 
 
 @dataclass
@@ -116,6 +118,9 @@ class OptimConfig:
     scheduler: str = "linear"
     # null: the fused AdamW kernel wherever torch has one (CPU, CUDA), the per-tensor loop elsewhere
     fused: bool | None = None
+    # Layer-wise lr decay (e.g. 0.9): the head gets lr, encoder layer i of L lr * decay^(L - i),
+    # the embeddings lr * decay^(L + 1); null: one lr for all.
+    layer_decay: float | None = None
 
 
 @dataclass
@@ -149,6 +154,13 @@ class TrainerConfig:
     # stop the run; too many skips stop it too. Counted at the next logging step (log_every).
     on_nonfinite: NonFinite = NonFinite.skip
     max_nonfinite: int = 10
+    # An exponential moving average of the weights (e.g. 0.999), evaluated and saved as the best
+    # checkpoint; null: the trained weights themselves.
+    ema_decay: float | None = None
+    # Stop after this many evaluations in a row without an improvement of metric_for_best by more
+    # than the threshold; null: never stop early.
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0
 
 
 @dataclass
@@ -330,7 +342,21 @@ def validate(cfg: DictConfig) -> Config:
         t.max_grad_norm is None or t.max_grad_norm > 0,
         f"trainer.max_grad_norm must be > 0 or null, got {t.max_grad_norm}",
     )
+    check(t.ema_decay is None or 0 < t.ema_decay < 1, f"trainer.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
+    check(
+        t.early_stopping_patience is None or t.early_stopping_patience >= 1,
+        f"trainer.early_stopping_patience must be >= 1 or null, got {t.early_stopping_patience}",
+    )
+    check(
+        t.early_stopping_threshold >= 0,
+        f"trainer.early_stopping_threshold must be >= 0, got {t.early_stopping_threshold}",
+    )
     check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    check(
+        o.layer_decay is None or 0 < o.layer_decay <= 1,
+        f"optim.layer_decay must be in (0, 1] or null, got {o.layer_decay}",
+    )
+    check(typed.model.reinit_layers >= 0, f"model.reinit_layers must be >= 0, got {typed.model.reinit_layers}")
     check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     check(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
     check(len(o.betas) == 2, f"optim.betas must hold two numbers, got {o.betas}")

@@ -31,7 +31,7 @@ from engine.errors import EngineError
 from engine.evaluation import BestKeeper, evaluate, evaluate_checkpoint, format_metrics
 from engine.metrics import compute_metrics, confusion, per_class_report, sigmoid, tune_thresholds
 from engine.model import build_classifier, load_tokenizer
-from engine.optim import build_optimizer, build_scheduler, device_skippable, total_steps
+from engine.optim import build_ema, build_optimizer, build_scheduler, device_skippable, total_steps
 from engine.sources import format_preflight
 
 log = logging.getLogger("engine.loop")
@@ -187,6 +187,7 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
     seed_everything(config.seed)  # the same initial head whatever the data step consumed
     model = build_classifier(config, data)
     check_max_length(config.data.max_length, model.hf_model.config, config.model.source)
+    ema = build_ema(model.hf_model, t.ema_decay, backend.device)  # copies the plain model: before the speed wing
     log.info("speed-ups: %s", ", ".join(speedups.apply(model, backend, config)) or "none")
 
     # --- Loaders, optimizer, schedule: placed by the backend -------------------------------
@@ -208,7 +209,9 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
     # --- Resume: a saved state replaces the fresh weights, optimizer and schedule ----------
     progress, saved = resume.Progress(), {"extra": {}}
     if state_folder is not None:
-        progress, saved = resume.restore(state_folder, backend, resolved, classifier.hf_model, optimizer, scheduler)
+        progress, saved = resume.restore(
+            state_folder, backend, resolved, classifier.hf_model, optimizer, scheduler, averaged=ema
+        )
     elif config.resume == "auto":
         earlier = (run_dir / checkpoint.STATE_DIR).is_dir() or (run_dir / tracking.EVAL_METRICS).is_file()
         (log.warning if earlier else log.info)(
@@ -219,7 +222,8 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
     tracker = tracking.Tracker(
         run_dir, config.logger, backend.is_main_process, resolved, config.wandb_project, resumed_at
     )
-    keep_best = BestKeeper(run_dir, config, backend, data.labels, describe_checkpoint(config, data, resolved))
+    describe = describe_checkpoint(config, data, resolved)
+    keep_best = BestKeeper(run_dir, config, backend, data.labels, describe, averaged=ema)
     extra = saved["extra"]
     if "best_logits" in extra:
         keep_best.predictions = (extra["best_logits"].numpy(), extra["best_labels"].numpy())
@@ -241,7 +245,7 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
             if keep_best.predictions is not None:
                 best_logits, best_labels = keep_best.predictions
                 windows.update(best_logits=torch.from_numpy(best_logits), best_labels=torch.from_numpy(best_labels))
-            resume.save(run_dir, backend, progress, classifier, optimizer, scheduler, windows, resolved)
+            resume.save(run_dir, backend, progress, classifier, optimizer, scheduler, windows, resolved, ema)
 
     # --- Train -----------------------------------------------------------------------------
     startup_seconds: float | None = None
@@ -253,7 +257,7 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
     window_start = time.perf_counter()
     model.train()
     with resume.StopSignal() as stop:
-        while progress.epoch < t.epochs and progress.global_step < steps:
+        while progress.epoch < t.epochs and progress.global_step < steps and not progress.early_stopped:
             epoch = progress.epoch
             shuffler.set_epoch(epoch)
             skip = progress.batches_in_epoch  # micro-batches this process already did
@@ -297,6 +301,8 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                     log_window(backend, tracker, bar, progress, *windows, window_start, lr, norm)
                     window_start = time.perf_counter()
 
+                if ema is not None:  # the moving average follows every optimizer step
+                    ema.update_parameters(classifier.hf_model)
                 paused = time.perf_counter()  # evaluating and saving are not training time
                 if t.eval_every and step % t.eval_every == 0:
                     keep_best(model, dev_loader, dev_order, progress, tracker, epoch)
@@ -316,13 +322,13 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                     )
                     raise SystemExit(stop.exit_code or 143)
                 window_start += time.perf_counter() - paused
-                if step >= steps:
+                if step >= steps or progress.early_stopped:  # early stopping ends the run as its last step would
                     break
             # End of the epoch (or of max_steps): evaluate, then save a state that starts the next one.
             paused = time.perf_counter()
             if t.eval_every == 0 and progress.last_eval_step != progress.global_step:
                 keep_best(model, dev_loader, dev_order, progress, tracker, epoch)
-            if progress.global_step < steps:
+            if progress.global_step < steps and not progress.early_stopped:
                 progress.epoch, progress.step_in_epoch, progress.batches_in_epoch = epoch + 1, 0, 0
             save_state()
             window_start += time.perf_counter() - paused
@@ -521,6 +527,8 @@ def finish(
             "best_value": best_value,
             "best_step": progress.best_step,
             "steps": progress.global_step,
+            "early_stopped": progress.early_stopped,
+            "early_stopped_step": progress.global_step if progress.early_stopped else None,
             "test": test_metrics,
             "wall_seconds": time.perf_counter() - started,
             "startup_seconds": startup_seconds,
