@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from engine.config import BackendConfig, BackendName, MixedPrecision
-from engine.model import unwrap
+from engine.model import plain_state_dict, unwrap
 
 LAUNCH_VARIABLES = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU")
 
@@ -108,6 +108,7 @@ class ManualBackend:
     """One process: batches moved with ``.to(device)``, ``loss.backward()``."""
 
     name = "manual"
+    sharded = False
     num_processes = 1
     process_index = 0
     is_main_process = True
@@ -182,6 +183,14 @@ class ManualBackend:
     def unwrap_model(self, model: nn.Module) -> nn.Module:
         return model
 
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The transformers model's full weights, on the CPU (for the best checkpoint and the state)."""
+        return plain_state_dict(model)
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load the transformers model's full weights into the prepared ``model``."""
+        unwrap(model).load_state_dict(state)
+
     def print(self, *args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
@@ -196,7 +205,7 @@ class AccelerateBackend:
 
     def __init__(self, config: BackendConfig, mixed_precision: MixedPrecision, inference: bool = False) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration
+        from accelerate.utils import DataLoaderConfiguration, DistributedType
 
         # Without CUDA, cpu=True turns a multi-process launch into gloo DDP on the CPU.
         cpu = not (config.use_cuda and torch.cuda.is_available())
@@ -209,6 +218,8 @@ class AccelerateBackend:
             dataloader_config=DataLoaderConfiguration(even_batches=True),
         )
         self.device = self.accelerator.device
+        # FSDP (chosen in `accelerate config`): weights and optimizer state are sharded across ranks.
+        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
         self.num_processes = self.accelerator.num_processes
         self.process_index = self.accelerator.process_index
         self.is_main_process = self.accelerator.is_main_process
@@ -265,6 +276,24 @@ class AccelerateBackend:
 
     def unwrap_model(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The transformers model's full weights, on the CPU, on rank 0 (the others get an empty dict).
+        Every rank calls it: under FSDP the shards are gathered."""
+        if not self.sharded:
+            return plain_state_dict(model) if self.is_main_process else {}
+        gathered = self.accelerator.get_state_dict(model)  # ClassifierWithLoss's keys: "hf_model.<name>"
+        return {k.removeprefix("hf_model."): v.detach().cpu().clone() for k, v in gathered.items()}
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load the transformers model's full weights into the prepared ``model`` (every rank, under FSDP)."""
+        if not self.sharded:
+            unwrap(model).load_state_dict(state)
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+
+        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT):
+            model.load_state_dict({f"hf_model.{k}": v for k, v in state.items()})
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         self.accelerator.print(*args, **kwargs)

@@ -17,7 +17,6 @@ from engine.config import Config, ProblemType, greater_is_better
 from engine.data import eval_loader, load_data, loader_workers, make_collator, restore_order
 from engine.errors import EngineError
 from engine.metrics import compute_metrics, load_metric, per_class_report
-from engine.model import plain_state_dict
 from engine.optim import averaged_weights
 
 log = logging.getLogger("engine.loop")
@@ -127,20 +126,23 @@ class BestKeeper:
     def check_on_disk(self, progress: Any, model: torch.nn.Module) -> None:
         """After a resume: the best checkpoint the state remembers must be on disk. When the state's
         weights are the best ones it is written again from them; otherwise the resume is refused."""
-        problem = None
-        if self.backend.is_main_process and progress.best_value is not None:
-            problem = self.missing(progress.best_step)
-            if problem and progress.best_step == progress.global_step and self.predictions is not None:
-                classifier = self.backend.unwrap_model(model)
+        if progress.best_value is None:
+            return
+        problem = self.backend.broadcast_object(
+            self.missing(progress.best_step) if self.backend.is_main_process else None
+        )
+        if problem and progress.best_step == progress.global_step and self.predictions is not None:
+            classifier = self.backend.unwrap_model(model)
+            with averaged_weights(self.averaged, classifier.hf_model):
+                weights = self.backend.state_dict(model)  # every rank: FSDP gathers the shards
+            if self.backend.is_main_process:
                 logits, gold = self.predictions
                 loss = classifier.loss_from_logits(torch.from_numpy(logits), torch.from_numpy(gold))
                 metrics = {"loss": float(loss), **compute_metrics(logits, gold, self.labels.problem_type)}
                 epoch = progress.epoch - 1 if progress.step_in_epoch == 0 and progress.epoch > 0 else progress.epoch
-                with averaged_weights(self.averaged, classifier.hf_model):
-                    self._save(plain_state_dict(classifier), metrics, epoch, progress.global_step)
+                self._save(weights, metrics, epoch, progress.global_step)
                 log.warning("%s: written again from the resumed state, whose weights are the best", problem)
-                problem = None
-        problem = self.backend.broadcast_object(problem)
+            problem = None
         if problem:
             raise checkpoint.CheckpointError(
                 f"cannot resume: {problem}; the state does not hold the best weights. "
@@ -156,9 +158,11 @@ class BestKeeper:
             best = progress.best_value
             # A non-finite metric, or non-finite weights (checked in save_best), never become "best".
             improved = math.isfinite(value) and (best is None or self.sign * (value - best) > 0)
+            # Every rank computed the same metric from the same gathered predictions, so all agree;
+            # under FSDP every rank takes part in gathering the weights.
+            weights = self.backend.state_dict(model) if improved else None
             if improved and self.backend.is_main_process:
-                self._save(plain_state_dict(hf_model), metrics, epoch, step)
-        # Every rank computed the same metric from the same gathered predictions, so all agree.
+                self._save(weights, metrics, epoch, step)
         if improved:
             progress.best_value, progress.best_step, self.predictions = value, step, (logits, gold)
         tracker.log("eval", {"epoch": epoch, **metrics, "best": progress.best_value, "is_best": improved}, step)

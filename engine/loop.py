@@ -187,6 +187,8 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
     seed_everything(config.seed)  # the same initial head whatever the data step consumed
     model = build_classifier(config, data)
     check_max_length(config.data.max_length, model.hf_model.config, config.model.source)
+    if t.ema_decay is not None and backend.sharded:
+        raise EngineError("trainer.ema_decay is not supported under FSDP (the average would need every shard)")
     ema = build_ema(model.hf_model, t.ema_decay, backend.device)  # copies the plain model: before the speed wing
     log.info("speed-ups: %s", ", ".join(speedups.apply(model, backend, config)) or "none")
 
@@ -209,9 +211,7 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
     # --- Resume: a saved state replaces the fresh weights, optimizer and schedule ----------
     progress, saved = resume.Progress(), {"extra": {}}
     if state_folder is not None:
-        progress, saved = resume.restore(
-            state_folder, backend, resolved, classifier.hf_model, optimizer, scheduler, averaged=ema
-        )
+        progress, saved = resume.restore(state_folder, backend, resolved, model, optimizer, scheduler, averaged=ema)
     elif config.resume == "auto":
         earlier = (run_dir / checkpoint.STATE_DIR).is_dir() or (run_dir / tracking.EVAL_METRICS).is_file()
         (log.warning if earlier else log.info)(
@@ -228,7 +228,7 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
     if "best_logits" in extra:
         keep_best.predictions = (extra["best_logits"].numpy(), extra["best_labels"].numpy())
     if state_folder is not None:
-        keep_best.check_on_disk(progress, classifier)
+        keep_best.check_on_disk(progress, model)
     window_loss = extra.get("window_loss", torch.zeros(())).to(backend.device)
     window_tokens = extra.get("window_tokens", torch.zeros((), dtype=torch.long)).to(backend.device)
     window_skipped = extra.get("window_skipped", torch.zeros((), dtype=torch.long)).to(backend.device)
@@ -245,7 +245,7 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
             if keep_best.predictions is not None:
                 best_logits, best_labels = keep_best.predictions
                 windows.update(best_logits=torch.from_numpy(best_logits), best_labels=torch.from_numpy(best_labels))
-            resume.save(run_dir, backend, progress, classifier, optimizer, scheduler, windows, resolved, ema)
+            resume.save(run_dir, backend, progress, model, optimizer, scheduler, windows, resolved, ema)
 
     # --- Train -----------------------------------------------------------------------------
     startup_seconds: float | None = None
@@ -476,7 +476,7 @@ def finish(
     test_metrics: dict[str, float] | None = None
     if t.evaluate_test and data.test is not None and best_value is not None:
         best_weights = checkpoint.load_weights(run_dir / checkpoint.BEST_WEIGHTS) if backend.is_main_process else None
-        backend.unwrap_model(model).hf_model.load_state_dict(backend.broadcast_object(best_weights))
+        backend.load_state_dict(model, backend.broadcast_object(best_weights))
         test_loader = eval_loader(
             data.test,
             t.eval_batch_size,

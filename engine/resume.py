@@ -168,7 +168,7 @@ def save(
     run_dir: Path,
     backend: Any,
     progress: Progress,
-    classifier: torch.nn.Module,
+    model: torch.nn.Module,
     optimizer: Any,
     scheduler: Any,
     extra_tensors: dict[str, Any],
@@ -176,18 +176,21 @@ def save(
     averaged: torch.nn.Module | None = None,
 ) -> Path | None:
     """Write a complete state for every rank; the previous state goes only once this one is complete.
-    ``averaged``: the moving average of the weights (``trainer.ema_decay``), saved as its own part."""
-    from engine.model import plain_state_dict
-
+    ``model`` is the prepared model (under FSDP every rank gathers its shards, and writes its own part
+    of the optimizer state). ``averaged``: the moving average of the weights (``trainer.ema_decay``)."""
+    weights = backend.state_dict(model)
     folder = checkpoint.begin_state(run_dir, progress.global_step) if backend.is_main_process else None
     folder = Path(backend.broadcast_object(str(folder) if folder else None))
     backend.wait_for_everyone()
     # Every rank's own generators: dropout differs per rank.
     checkpoint.write_state_part(folder, f"rng_rank{backend.process_index}", checkpoint.capture_rng())
+    if backend.sharded:
+        checkpoint.write_state_part(folder, optimizer_part(backend), optimizer.state_dict())
     final = None
     if backend.is_main_process:
-        checkpoint.write_state_part(folder, checkpoint.MODEL_KEY, plain_state_dict(classifier))
-        checkpoint.write_state_part(folder, checkpoint.OPTIMIZER_KEY, optimizer.state_dict())
+        checkpoint.write_state_part(folder, checkpoint.MODEL_KEY, weights)
+        if not backend.sharded:
+            checkpoint.write_state_part(folder, checkpoint.OPTIMIZER_KEY, optimizer.state_dict())
         checkpoint.write_state_part(folder, checkpoint.SCHEDULER_KEY, scheduler.state_dict())
         checkpoint.write_state_part(folder, "extra", extra_tensors)
         if averaged is not None:
@@ -207,6 +210,11 @@ def save(
         )
     backend.wait_for_everyone()
     return final
+
+
+def optimizer_part(backend: Any) -> str:
+    """The optimizer state's file: one for all ranks, or each rank's own shard under FSDP."""
+    return f"{checkpoint.OPTIMIZER_KEY}_rank{backend.process_index}" if backend.sharded else checkpoint.OPTIMIZER_KEY
 
 
 def check(folder: Path, backend: Any, config: dict[str, Any]) -> dict[str, Any]:
@@ -229,8 +237,9 @@ def load(folder: Path, backend: Any, config: dict[str, Any]) -> tuple[Progress, 
     meta = check(folder, backend, config)
     parts = {
         name: checkpoint.load_state_part(folder, name)
-        for name in (checkpoint.MODEL_KEY, checkpoint.OPTIMIZER_KEY, checkpoint.SCHEDULER_KEY, "extra")
+        for name in (checkpoint.MODEL_KEY, checkpoint.SCHEDULER_KEY, "extra")
     }
+    parts[checkpoint.OPTIMIZER_KEY] = checkpoint.load_state_part(folder, optimizer_part(backend))
     parts["rng"] = checkpoint.load_state_part(folder, f"rng_rank{backend.process_index}")
     if _get(meta.get("config", {}), "trainer.ema_decay") is not None:
         parts[EMA_KEY] = checkpoint.load_state_part(folder, EMA_KEY)
@@ -272,7 +281,7 @@ def restore(
     folder: Path,
     backend: Any,
     config: dict[str, Any],
-    hf_model: torch.nn.Module,
+    model: torch.nn.Module,
     optimizer: Any,
     scheduler: Any,
     averaged: torch.nn.Module | None = None,
@@ -282,8 +291,9 @@ def restore(
     state's other parts (``extra`` tensors, this rank's ``rng``: restore that last, right before
     the first step, so the resumed run draws the same dropout masks as the uninterrupted one)."""
     progress, parts = load(folder, backend, config)
-    checkpoint.check_state_dict(hf_model, parts[checkpoint.MODEL_KEY], folder)
-    hf_model.load_state_dict(parts[checkpoint.MODEL_KEY])
+    if not backend.sharded:  # FSDP's full-state load checks keys itself; its parameters are shards
+        checkpoint.check_state_dict(backend.unwrap_model(model).hf_model, parts[checkpoint.MODEL_KEY], folder)
+    backend.load_state_dict(model, parts[checkpoint.MODEL_KEY])
     optimizer.load_state_dict(parts[checkpoint.OPTIMIZER_KEY])
     scheduler.load_state_dict(parts[checkpoint.SCHEDULER_KEY])
     if averaged is not None:

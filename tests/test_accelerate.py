@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import torch
 
+from engine import checkpoint
 from engine.backend import ManualBackend, choose_backend
 from engine.config import BackendConfig, BackendName, MixedPrecision
 from engine.loop import forward_backward, train
@@ -133,3 +134,45 @@ def test_two_gloo_processes_one_run_dir_every_dev_sample_once(tmp_path, dev_size
     state = torch.load(run / "best_acc_classify.pth", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
     assert json.loads((run / "best_acc_classify.json").read_text())["metric_value"] == evals[0]["accuracy"]
+
+
+def test_a_sharded_backend_saves_and_restores_its_own_optimizer_shard(tmp_path):
+    """Under FSDP each rank's optimizer state is its shard: a state holds one file per rank, and a
+    rank restores its own (FSDP itself needs CUDA with this accelerate: on the CPU, --use_fsdp falls
+    back to DDP, so this runs the engine's sharded path on one process)."""
+    from engine import resume
+    from engine.model import build_model
+    from tests.test_model import TINY as TINY_MODEL
+
+    class ShardedRank(ManualBackend):
+        sharded = True
+
+        def __init__(self, index: int) -> None:
+            super().__init__(BackendConfig(use_cuda=False), MixedPrecision.no)
+            self.process_index, self.is_main_process = index, index == 0
+
+        def broadcast_object(self, obj):
+            return obj
+
+        def wait_for_everyone(self):
+            pass
+
+    model = build_model(TINY_MODEL, 2, {0: "a", 1: "b"}, "single_label_classification")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(**batch(n=4, num_labels=2)).loss.backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    progress, config = resume.Progress(global_step=1), {"seed": 1}
+    resume.save(tmp_path, ShardedRank(0), progress, model, optimizer, scheduler, {}, config)
+    folder, _ = checkpoint.latest_state(tmp_path)
+    assert [p.name for p in folder.glob("optimizer*")] == ["optimizer_rank0"]  # rank 1 writes its own, alongside
+    checkpoint.write_state_part(folder, resume.optimizer_part(ShardedRank(1)), optimizer.state_dict())
+    checkpoint.write_state_part(folder, "rng_rank1", checkpoint.capture_rng())
+    fresh = build_model(TINY_MODEL, 2, {0: "a", 1: "b"}, "single_label_classification")
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0)
+    resume.restore(folder, ShardedRank(1), config, fresh, fresh_optimizer, fresh_scheduler)
+    saved, restored = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
+    assert all(torch.equal(saved[i]["exp_avg"], restored[i]["exp_avg"]) for i in saved)
+    for name, tensor in model.hf_model.state_dict().items():
+        assert torch.equal(fresh.hf_model.state_dict()[name], tensor), name

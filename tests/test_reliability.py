@@ -167,7 +167,12 @@ def test_named_incomplete_state_is_an_error_and_auto_skips_it(make_cfg, tmp_path
 
 
 class _OneProcess:
-    num_processes, process_index, is_main_process = 1, 0, True
+    num_processes, process_index, is_main_process, sharded = 1, 0, True, False
+
+    def state_dict(self, model):
+        from engine.model import plain_state_dict
+
+        return plain_state_dict(model)
 
     def broadcast_object(self, obj):
         return obj
