@@ -5,7 +5,6 @@ logits and gradients with SDPA and flash-attention masks. Every test here skips 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -140,24 +139,11 @@ def _first_token_pair(attn: str):
     from transformers import BertConfig, BertForSequenceClassification
 
     from engine.speedups.first_token import FirstTokenLayer, last_layer
-    from engine.speedups.first_token import enable as enable_first_token_last_layer
+    from tests.test_speedup_first_token import _pair
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100,
-        num_labels=3,
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        initializer_range=0.2,
-        attn_implementation=attn,
-    )
-    full = BertForSequenceClassification(config).cuda().train()
-    first = copy.deepcopy(full)
-    enable_first_token_last_layer(first)
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "initializer_range": 0.2}
+    full, first = _pair(BertForSequenceClassification, BertConfig, attn, **sizes)
+    full, first = full.cuda().train(), first.cuda().train()
     assert isinstance(last_layer(first), FirstTokenLayer) and not isinstance(last_layer(full), FirstTokenLayer)
     return full, first
 

@@ -27,7 +27,8 @@ SIZES = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "i
 
 
 def _pair(model_class, config_class, attn="sdpa", **extra):
-    """A randomly initialised classifier and a copy with the swap; dropout off so both forwards agree."""
+    """A randomly initialised classifier and a copy with the swap; dropout off so both forwards agree.
+    ``extra`` sets other config values, the sizes too."""
     torch.manual_seed(0)
     config = config_class(
         vocab_size=100,
@@ -36,8 +37,7 @@ def _pair(model_class, config_class, attn="sdpa", **extra):
         attention_probs_dropout_prob=0.0,
         pad_token_id=1,
         attn_implementation=attn,
-        **SIZES,
-        **extra,
+        **{**SIZES, **extra},
     )
     full = model_class(config)
     first = copy.deepcopy(full)
