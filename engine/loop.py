@@ -293,7 +293,8 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                 progress.window_steps += 1
                 bar.update(1)
 
-                if step % t.log_every == 0 or step == steps:  # a CPU-GPU sync and all-reduces: every log_every steps
+                logged = step % t.log_every == 0 or step == steps
+                if logged:  # a CPU-GPU sync and all-reduces: every log_every steps
                     count_nonfinite_steps(progress, t, int(window_skipped))
                     lr = scheduler.get_last_lr()[0]
                     norm = grad_norm if t.max_grad_norm else None
@@ -308,7 +309,6 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                     keep_best(model, dev_loader, dev_order, progress, tracker, epoch)
                 end_of_epoch = progress.batches_in_epoch >= len(train_dl)
                 # A stop signal is taken at the next logging step: one all-reduce every log_every steps.
-                logged = step % t.log_every == 0 or step == steps
                 stopping = logged and backend.any_process(stop.received is not None)
                 if stopping or (t.save_every and step % t.save_every == 0 and not end_of_epoch):
                     save_state()
