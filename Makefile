@@ -11,13 +11,22 @@ PYTEST_ARGS ?=
 
 .PHONY: install run test test-fast lint format bench bench-full bench-ab gpu-check clean
 
-# torch through pip (it honours this machine's pip config, which finds the CPU wheel on disk); the
-# rest through uv, which resolves and installs ~100 packages in seconds where pip takes a minute.
-# Both write bytecode: where PYTHONDONTWRITEBYTECODE is set, every process would compile anew.
+# Everything through uv, which resolves, unpacks and compiles bytecode in parallel (pip takes a
+# minute for torch alone). torch comes from the find-links of this machine's pip config, where its
+# CPU wheel lies; where pip has no find-links, pip installs torch itself, honouring its own config.
+# Bytecode is written at install: where PYTHONDONTWRITEBYTECODE is set, every process would compile anew.
+FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+ifneq ($(strip $(FIND_LINKS)),)
+INSTALL_TORCH = $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python \
+	$(foreach link,$(FIND_LINKS),--find-links $(link)) $(TORCH)
+else
+INSTALL_TORCH = $(BIN)/pip install --quiet $(TORCH)
+endif
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/python -c "import uv" 2>/dev/null || $(BIN)/pip install --quiet uv
+	$(BIN)/python -c "import torch" 2>/dev/null || $(INSTALL_TORCH)
 	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[dev]'
 	touch $(STAMP)
 
