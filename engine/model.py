@@ -163,7 +163,7 @@ def _offline_hint(source: str, error: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"cannot load model {source!r}: {first}\n"
         "The hub may be unreachable from this machine. Offline options: model=minilm (the bundled "
-        "all-MiniLM-L6-v2), model.source=<a local folder with config.json and weights>, or a model "
+        "all-MiniLM-L6-v2), model=local model.source=<a folder with config.json and weights>, or a model "
         "already in the Hugging Face cache with HF_HUB_OFFLINE=1."
     )
 

@@ -18,7 +18,7 @@ GROUPS = {
     for name in ("model", "data", "optim", "trainer", "loss", "backend")
 }
 _FILES = ["data.train_file=a.csv", "data.validation_file=b.csv", "data.text_column=text"]
-NEEDS = {"data=csv": _FILES, "data=local": _FILES}
+NEEDS = {"data=csv": _FILES, "data=local": _FILES, "model=local": ["model.source=/models/any"]}
 
 
 def _compose(*overrides: str):

@@ -54,11 +54,35 @@ def test_bad_recipe_values_are_refused_in_one_line(make_cfg, override, message):
         validate(make_cfg(*TINY, override))
 
 
-def test_every_switch_is_off_by_default(make_cfg):
+def _recipe(make_cfg, *overrides: str) -> tuple:
+    config = validate(make_cfg(*overrides))
+    t = config.trainer
+    return config.optim.lr, t.eval_every, config.model.reinit_layers, config.optim.layer_decay, t.ema_decay, t.epochs
+
+
+@pytest.mark.parametrize(
+    ("overrides", "recipe"),
+    [
+        # the bundled MiniLM's own recipe (conf/model/minilm.yaml, measured in docs/recipe.md)
+        ((), (1e-4, 50, 1, None, None, 3)),
+        # the seed recipe for BERT-base, any local folder, and the tiny test model
+        (("model=bert-base-uncased",), (5e-5, 0, 0, None, None, 3)),
+        (("model=local", "model.source=/models/any"), (5e-5, 0, 0, None, None, 3)),
+        (("model=tiny",), (5e-5, 0, 0, None, None, 3)),
+        # GoEmotions: 1,357 steps an epoch, evaluated at epoch ends, every pretrained layer kept
+        (("data=goemotions",), (1e-4, 0, 0, None, None, 3)),
+        # the command line wins over the model's recipe
+        (("optim.lr=2e-5", "trainer.eval_every=0", "model.reinit_layers=0"), (2e-5, 0, 0, None, None, 3)),
+    ],
+)
+def test_each_model_has_its_recipe_and_the_command_line_wins(make_cfg, overrides, recipe):
+    assert _recipe(make_cfg, *overrides) == pytest.approx(recipe)
+
+
+def test_every_other_switch_is_off_by_default(make_cfg):
     config = validate(make_cfg())
-    assert config.optim.layer_decay is None and config.model.reinit_layers == 0
-    assert config.trainer.ema_decay is None and config.trainer.early_stopping_patience is None
-    assert config.trainer.early_stopping_threshold == 0.0
+    assert config.optim.layer_decay is None and config.trainer.ema_decay is None
+    assert config.trainer.early_stopping_patience is None and config.trainer.early_stopping_threshold == 0.0
 
 
 def test_layer_decay_gives_each_depth_its_lr_and_the_schedule_scales_each(make_cfg):
