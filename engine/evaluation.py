@@ -110,6 +110,17 @@ class BestKeeper:
         info.update(epoch=epoch, step=step)
         checkpoint.save_best(self.run_dir, weights, info)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The best evaluation's logits and labels, for the resumable state (thresholds and plots at the end)."""
+        if self.predictions is None:
+            return {}
+        logits, labels = self.predictions
+        return {"best_logits": torch.from_numpy(logits), "best_labels": torch.from_numpy(labels)}
+
+    def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        if "best_logits" in saved:
+            self.predictions = (saved["best_logits"].numpy(), saved["best_labels"].numpy())
+
     def missing(self, step: int) -> str | None:
         """What is wrong with the best checkpoint on disk, if it is not the one of ``step``."""
         weights, info = self.run_dir / checkpoint.BEST_WEIGHTS, self.run_dir / checkpoint.BEST_INFO

@@ -209,43 +209,25 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
     (scheduler,) = backend.prepare(build_scheduler(optimizer, config.optim, steps))
 
     # --- Resume: a saved state replaces the fresh weights, optimizer and schedule ----------
-    progress, saved = resume.Progress(), {"extra": {}}
-    if state_folder is not None:
-        progress, saved = resume.restore(state_folder, backend, resolved, model, optimizer, scheduler, averaged=ema)
-    elif config.resume == "auto":
-        earlier = (run_dir / checkpoint.STATE_DIR).is_dir() or (run_dir / tracking.EVAL_METRICS).is_file()
-        (log.warning if earlier else log.info)(
-            "resume=auto: no usable saved state in %s; training starts from step 0%s",
-            *(run_dir, " (the earlier run's metrics files start anew)" if earlier else ""),
-        )
+    progress, saved = restore_or_start(
+        config, state_folder, run_dir, backend, resolved, model, optimizer, scheduler, ema
+    )
     resumed_at = progress.global_step if state_folder else None
     tracker = tracking.Tracker(
         run_dir, config.logger, backend.is_main_process, resolved, config.wandb_project, resumed_at
     )
     describe = describe_checkpoint(config, data, resolved)
     keep_best = BestKeeper(run_dir, config, backend, data.labels, describe, averaged=ema)
-    extra = saved["extra"]
-    if "best_logits" in extra:
-        keep_best.predictions = (extra["best_logits"].numpy(), extra["best_labels"].numpy())
+    keep_best.restore(saved["extra"])
+    window = Window(backend.device, saved["extra"])
     if state_folder is not None:
         keep_best.check_on_disk(progress, model)
-    window_loss = extra.get("window_loss", torch.zeros(())).to(backend.device)
-    window_tokens = extra.get("window_tokens", torch.zeros((), dtype=torch.long)).to(backend.device)
-    window_skipped = extra.get("window_skipped", torch.zeros((), dtype=torch.long)).to(backend.device)
-    if state_folder is not None:
         checkpoint.restore_rng(saved["rng"])  # last: the resumed run draws the uninterrupted run's masks
 
     def save_state() -> None:
         if t.save_state:
-            windows = {
-                "window_loss": window_loss.cpu(),
-                "window_tokens": window_tokens.cpu(),
-                "window_skipped": window_skipped.cpu(),
-            }
-            if keep_best.predictions is not None:
-                best_logits, best_labels = keep_best.predictions
-                windows.update(best_logits=torch.from_numpy(best_logits), best_labels=torch.from_numpy(best_labels))
-            resume.save(run_dir, backend, progress, model, optimizer, scheduler, windows, resolved, ema)
+            extra = {**window.state(), **keep_best.state()}
+            resume.save(run_dir, backend, progress, model, optimizer, scheduler, extra, resolved, ema)
 
     # --- Train -----------------------------------------------------------------------------
     startup_seconds: float | None = None
@@ -254,7 +236,8 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
     fp16 = backend.mixed_precision == MixedPrecision.fp16
     skips_on_device = None if fp16 else device_skippable(optimizer)
     no_flag = torch.zeros((), dtype=torch.bool, device=backend.device)
-    window_start = time.perf_counter()
+    resume_hint = f"continue with resume={run_dir}" if t.save_state else "no state saved (trainer.save_state=false)"
+    window.start = time.perf_counter()
     model.train()
     with resume.StopSignal() as stop:
         while progress.epoch < t.epochs and progress.global_step < steps and not progress.early_stopped:
@@ -267,17 +250,8 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                 micro_batches = [backend.to_device(b) for b in micro_batches]
                 step_loss = forward_backward(model, classifier, backend, micro_batches)
                 grad_norm = backend.clip_grad_norm_(parameters, t.max_grad_norm or float("inf"))
-                # A step whose gradients hold a NaN/Inf leaves the weights and optimizer state as they were
-                # (it still counts in the schedule). The norm is of the all-reduced gradients: every rank
-                # decides alike. The fused AdamW skips on the device, told by the flag GradScaler also uses,
-                # so no CPU-GPU sync; another optimizer reads the flag here. fp16's GradScaler and DeepSpeed
-                # (no norm) skip on their own. The count is checked at the next logging step.
                 nonfinite = no_flag if grad_norm is None or fp16 else ~torch.isfinite(grad_norm)
-                if skips_on_device is not None:
-                    skips_on_device.found_inf = nonfinite.float()
-                    optimizer.step()
-                elif not bool(nonfinite):
-                    optimizer.step()
+                step_unless_nonfinite(optimizer, nonfinite, skips_on_device)  # counted at the next logging step
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if startup_seconds is None:
@@ -286,21 +260,14 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                 progress.global_step += 1
                 progress.step_in_epoch += 1
                 step = progress.global_step
-                window_loss += torch.where(nonfinite, 0.0, step_loss)
-                window_skipped += nonfinite
-                window_tokens += sum(b["attention_mask"].sum() for b in micro_batches)
-                progress.window_samples += sum(b["labels"].shape[0] for b in micro_batches)
-                progress.window_steps += 1
+                window.add(step_loss, nonfinite, micro_batches, progress)
                 bar.update(1)
 
                 logged = step % t.log_every == 0 or step == steps
                 if logged:  # a CPU-GPU sync and all-reduces: every log_every steps
-                    count_nonfinite_steps(progress, t, int(window_skipped))
-                    lr = scheduler.get_last_lr()[0]
+                    count_nonfinite_steps(progress, t, int(window.skipped))
                     norm = grad_norm if t.max_grad_norm else None
-                    windows = (window_loss, window_tokens, window_skipped)
-                    log_window(backend, tracker, bar, progress, *windows, window_start, lr, norm)
-                    window_start = time.perf_counter()
+                    log_window(backend, tracker, bar, progress, window, scheduler.get_last_lr()[0], norm)
 
                 if ema is not None:  # the moving average follows every optimizer step
                     ema.update_parameters(classifier.hf_model)
@@ -313,15 +280,9 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
                 if stopping or (t.save_every and step % t.save_every == 0 and not end_of_epoch):
                     save_state()
                 if stopping:
-                    log.warning(
-                        "stopped at step %d; %s",
-                        step,
-                        f"continue with resume={run_dir}"
-                        if t.save_state
-                        else "no state saved (trainer.save_state=false)",
-                    )
+                    log.warning("stopped at step %d; %s", step, resume_hint)
                     raise SystemExit(stop.exit_code or 143)
-                window_start += time.perf_counter() - paused
+                window.start += time.perf_counter() - paused
                 if step >= steps or progress.early_stopped:  # early stopping ends the run as its last step would
                     break
             # End of the epoch (or of max_steps): evaluate, then save a state that starts the next one.
@@ -331,7 +292,7 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
             if progress.global_step < steps and not progress.early_stopped:
                 progress.epoch, progress.step_in_epoch, progress.batches_in_epoch = epoch + 1, 0, 0
             save_state()
-            window_start += time.perf_counter() - paused
+            window.start += time.perf_counter() - paused
         if stop.received is not None:
             log.warning("%s came after the last step: the run finishes", signal.Signals(stop.received).name)
     bar.close()
@@ -369,17 +330,72 @@ def read_data(config: Config, tokenizer: Any, backend: Backend, run_dir: Path) -
     return data
 
 
-def log_window(
-    backend, tracker, bar, progress, window_loss, window_tokens, window_skipped, window_start, lr, grad_norm
-) -> None:
+def restore_or_start(
+    config: Config, state_folder: Path | None, run_dir: Path, backend: Backend, resolved: dict, *objects: Any
+) -> tuple[resume.Progress, dict[str, Any]]:
+    """The saved state restored into ``objects`` (model, optimizer, scheduler, moving average):
+    its progress and what it saved besides; or a fresh start, said loudly under ``resume=auto``
+    when the run dir holds an earlier run's files but no usable state."""
+    if state_folder is not None:
+        model, optimizer, scheduler, ema = objects
+        return resume.restore(state_folder, backend, resolved, model, optimizer, scheduler, averaged=ema)
+    if config.resume == "auto":
+        earlier = (run_dir / checkpoint.STATE_DIR).is_dir() or (run_dir / tracking.EVAL_METRICS).is_file()
+        (log.warning if earlier else log.info)(
+            "resume=auto: no usable saved state in %s; training starts from step 0%s",
+            *(run_dir, " (the earlier run's metrics files start anew)" if earlier else ""),
+        )
+    return resume.Progress(), {"extra": {}}
+
+
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor, skips_on_device: Any) -> None:
+    """A step whose gradients hold a NaN/Inf leaves the weights and optimizer state as they were (it
+    still counts in the schedule). ``nonfinite`` comes from the norm of the all-reduced gradients, so
+    every rank decides alike. The fused AdamW skips on the device, told by the flag GradScaler also
+    uses, so no CPU-GPU sync; another optimizer reads the flag here. fp16's GradScaler and DeepSpeed
+    (no norm) skip on their own."""
+    if skips_on_device is not None:
+        skips_on_device.found_inf = nonfinite.float()
+        optimizer.step()
+    elif not bool(nonfinite):
+        optimizer.step()
+
+
+class Window:
+    """The steps since the last log, summed on the device and read only at logging steps: the loss
+    of the finite steps, non-pad tokens, skipped steps. Saved with the state (a resumed run logs the
+    window the uninterrupted one would); samples and steps are counted in ``progress``."""
+
+    def __init__(self, device: torch.device, saved: dict[str, torch.Tensor]) -> None:
+        self.loss = saved.get("window_loss", torch.zeros(())).to(device)
+        self.tokens = saved.get("window_tokens", torch.zeros((), dtype=torch.long)).to(device)
+        self.skipped = saved.get("window_skipped", torch.zeros((), dtype=torch.long)).to(device)
+        self.start = time.perf_counter()
+
+    def add(self, step_loss: torch.Tensor, nonfinite: torch.Tensor, micro_batches: list, progress: Any) -> None:
+        self.loss += torch.where(nonfinite, 0.0, step_loss)
+        self.skipped += nonfinite
+        self.tokens += sum(b["attention_mask"].sum() for b in micro_batches)
+        progress.window_samples += sum(b["labels"].shape[0] for b in micro_batches)
+        progress.window_steps += 1
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {
+            "window_loss": self.loss.cpu(),
+            "window_tokens": self.tokens.cpu(),
+            "window_skipped": self.skipped.cpu(),
+        }
+
+
+def log_window(backend, tracker, bar, progress, window: Window, lr: float, grad_norm) -> None:
     """Log the steps since the last log (loss, rate, throughput over all processes), then empty the window.
     The loss is the mean over the window's finite steps (``None`` when it has none)."""
-    elapsed = time.perf_counter() - window_start
-    finite_steps = progress.window_steps - int(window_skipped)
-    total_loss = float(backend.reduce_sum(window_loss) / backend.num_processes)
+    elapsed = time.perf_counter() - window.start
+    finite_steps = progress.window_steps - int(window.skipped)
+    total_loss = float(backend.reduce_sum(window.loss) / backend.num_processes)
     mean_loss = total_loss / finite_steps if finite_steps else None
     samples = int(backend.reduce_sum(torch.tensor(progress.window_samples, device=backend.device)))
-    tokens = int(backend.reduce_sum(window_tokens))
+    tokens = int(backend.reduce_sum(window.tokens))
     record = {
         "epoch": progress.epoch,
         "loss": mean_loss,
@@ -393,9 +409,10 @@ def log_window(
     progress.train_samples += samples
     progress.train_tokens += tokens
     progress.train_seconds += elapsed
-    window_loss.zero_()
-    window_tokens.zero_()
-    window_skipped.zero_()
+    window.loss.zero_()
+    window.tokens.zero_()
+    window.skipped.zero_()
+    window.start = time.perf_counter()
     progress.window_steps, progress.window_samples = 0, 0
 
 
