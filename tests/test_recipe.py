@@ -77,6 +77,8 @@ def _recipe(make_cfg, *overrides: str) -> tuple:
 )
 def test_each_model_has_its_recipe_and_the_command_line_wins(make_cfg, overrides, recipe):
     assert _recipe(make_cfg, *overrides) == pytest.approx(recipe)
+    weights = validate(make_cfg(*overrides)).loss.class_weights
+    assert weights == ("balanced" if overrides == ("data=goemotions",) else None)  # GoEmotions: pos_weight
 
 
 def test_every_other_switch_is_off_by_default(make_cfg):
