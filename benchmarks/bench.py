@@ -6,8 +6,8 @@
     python benchmarks/bench.py --ab "" "speedups.fast_dropout=false" --pairs 3 --epochs 1
 
 Same model (the bundled MiniLM), data (MRPC), batch size, learning rate, epochs and seed. Our
-side runs its defaults on the peer's recipe: evaluation at epoch ends and every pretrained layer
-kept, not the bundled MiniLM's own recipe (an evaluation every 50 steps, a fresh top layer).
+side runs its defaults on the peer's recipe (every pretrained layer kept), not the bundled MiniLM's
+own (lr 1e-4, a fresh top layer); evaluation at epoch ends on both sides.
 The peer runs twice: at its defaults (fp32, fused AdamW) and at its best on this job, with
 its own speed switches on (``train_sampling_strategy="group_by_length"``, and ``bf16=True`` where
 the CPU computes bf16 natively: elsewhere bf16 is emulated and slower than fp32, and our engine

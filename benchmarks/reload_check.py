@@ -47,6 +47,7 @@ def recheck(run: Path) -> tuple[float, float]:
 
 def main() -> None:
     hf_logging.set_verbosity_error()  # the load report lists the classifier head as newly made
+    hf_logging.disable_progress_bar()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     for run in parser.parse_args().runs:
