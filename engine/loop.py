@@ -331,13 +331,20 @@ def read_data(config: Config, tokenizer: Any, backend: Backend, run_dir: Path) -
 
 
 def restore_or_start(
-    config: Config, state_folder: Path | None, run_dir: Path, backend: Backend, resolved: dict, *objects: Any
+    config: Config,
+    state_folder: Path | None,
+    run_dir: Path,
+    backend: Backend,
+    resolved: dict,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    ema: torch.nn.Module | None,
 ) -> tuple[resume.Progress, dict[str, Any]]:
-    """The saved state restored into ``objects`` (model, optimizer, scheduler, moving average):
-    its progress and what it saved besides; or a fresh start, said loudly under ``resume=auto``
-    when the run dir holds an earlier run's files but no usable state."""
+    """The saved state restored into the model, optimizer, scheduler and moving average: its
+    progress and what it saved besides; or a fresh start, said loudly under ``resume=auto`` when the
+    run dir holds an earlier run's files but no usable state."""
     if state_folder is not None:
-        model, optimizer, scheduler, ema = objects
         return resume.restore(state_folder, backend, resolved, model, optimizer, scheduler, averaged=ema)
     if config.resume == "auto":
         earlier = (run_dir / checkpoint.STATE_DIR).is_dir() or (run_dir / tracking.EVAL_METRICS).is_file()

@@ -184,13 +184,11 @@ def save(
     backend.wait_for_everyone()
     # Every rank's own generators: dropout differs per rank.
     checkpoint.write_state_part(folder, f"rng_rank{backend.process_index}", checkpoint.capture_rng())
-    if backend.sharded:
+    if backend.is_main_process or backend.sharded:  # under FSDP each rank writes its own shard
         checkpoint.write_state_part(folder, optimizer_part(backend), optimizer.state_dict())
     final = None
     if backend.is_main_process:
         checkpoint.write_state_part(folder, checkpoint.MODEL_KEY, weights)
-        if not backend.sharded:
-            checkpoint.write_state_part(folder, checkpoint.OPTIMIZER_KEY, optimizer.state_dict())
         checkpoint.write_state_part(folder, checkpoint.SCHEDULER_KEY, scheduler.state_dict())
         checkpoint.write_state_part(folder, "extra", extra_tensors)
         if averaged is not None:
