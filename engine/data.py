@@ -35,12 +35,7 @@ from engine.sources import (
 log = logging.getLogger(__name__)
 
 
-def tokenize_split(
-    raw: RawSplit,
-    label_ids: list[Any],
-    tokenizer: Any,
-    data: DataConfig,
-):
+def tokenize_split(raw: RawSplit, label_ids: list[Any], tokenizer: Any, data: DataConfig):
     """Tokenize with ``datasets.map(batched=True)``; the result is cached on disk by content."""
     import datasets
 
@@ -65,6 +60,8 @@ def tokenize_split(
     cache_dir = Path(data.cache_dir or Path.home() / ".cache" / "engine" / "tokenized").expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_file = cache_dir / f"{raw.name}-{key.hexdigest()[:24]}.arrow"
+    # The content key is the fingerprint: else datasets hashes ``encode`` with the tokenizer it holds (~0.5 s a split).
+    fingerprint = key.hexdigest()[:32]
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
         encoded = tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=data.max_length)
@@ -74,7 +71,9 @@ def tokenize_split(
         return encoded
 
     remove = [c for c in table.column_names if c != "labels"]
-    options = dict(batched=True, batch_size=1000, remove_columns=remove, desc=f"tokenize {raw.name}")
+    options = dict(
+        batched=True, batch_size=1000, remove_columns=remove, desc=f"tokenize {raw.name}", new_fingerprint=fingerprint
+    )
     try:
         return table.map(encode, cache_file_name=str(cache_file), load_from_cache_file=True, **options)
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid: a cache file cut short by a kill
@@ -85,32 +84,37 @@ def tokenize_split(
         return table.map(encode, cache_file_name=str(cache_file), load_from_cache_file=False, **options)
 
 
-# ---------------------------------------------------------------------------
-# Samplers and loaders
-# ---------------------------------------------------------------------------
+# --- Samplers and loaders ---------------------------------------------------
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random permutation that depends only on (seed, epoch): reproducible and resumable."""
+class EpochSeeded:
+    """Draws from a generator that depends only on (seed, epoch): reproducible and resumable; the
+    loop calls ``set_epoch`` before each epoch."""
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
+    seed: int
+    epoch: int = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
+
+
+class EpochShuffleSampler(EpochSeeded, Sampler[int]):
+    """A fresh random permutation of the rows each epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + 7919 * self.epoch)
-        yield from torch.randperm(self.size, generator=generator).tolist()
+        yield from torch.randperm(self.size, generator=self.generator()).tolist()
 
     def __len__(self) -> int:
         return self.size
 
 
-class LengthGroupedBatchSampler(Sampler[list[int]]):
+class LengthGroupedBatchSampler(EpochSeeded, Sampler[list[int]]):
     """Batches of similar length in random order: little padding, still a fresh order each epoch.
 
     Each epoch: a (seed, epoch) permutation is cut into mega-batches of ``group_batches``
@@ -119,18 +123,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_batches: int = 50) -> None:
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
         self.group = batch_size * group_batches
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def batches(self) -> list[list[int]]:
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + 7919 * self.epoch)
+        generator = self.generator()
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         batches: list[list[int]] = []
         for start in range(0, len(order), self.group):
@@ -146,27 +143,14 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
-class SkipBatches(Sampler[list[int]]):
-    """The batches of ``batch_sampler`` after the first ``skip`` (resuming mid-epoch)."""
-
-    def __init__(self, batch_sampler: Any, skip: int) -> None:
-        self.batch_sampler = batch_sampler
-        self.skip = skip
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for index, batch in enumerate(self.batch_sampler):
-            if index >= self.skip:
-                yield batch
-
-    def __len__(self) -> int:
-        return max(0, len(self.batch_sampler) - self.skip)
-
-
 def skip_first_batches(loader: DataLoader, skip: int) -> DataLoader:
-    """A loader over the same data that starts after ``skip`` batches, without loading the skipped ones."""
+    """A loader over the same data that starts after ``skip`` batches, without loading the skipped ones
+    (Accelerate's ``skip_first_batches`` for a loader it did not prepare)."""
+    from accelerate.data_loader import SkipBatchSampler
+
     return DataLoader(
         loader.dataset,
-        batch_sampler=SkipBatches(loader.batch_sampler, skip),
+        batch_sampler=SkipBatchSampler(loader.batch_sampler, skip),
         collate_fn=loader.collate_fn,
         num_workers=loader.num_workers,
         generator=loader.generator,
@@ -342,4 +326,12 @@ def eval_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),  # iterating never draws from the global RNG
+    )
+
+
+def run_eval_loader(dataset: Any, config: Any, collator: Any, device: torch.device) -> DataLoader:
+    """:func:`eval_loader` with a run's settings (``trainer.eval_batch_size``, ``data.*``) on ``device``."""
+    workers = loader_workers(config.data, device)
+    return eval_loader(
+        dataset, config.trainer.eval_batch_size, collator, sort_by_length=config.data.sort_eval_by_length, **workers
     )

@@ -14,7 +14,7 @@ import torch
 
 from engine import checkpoint, tracking
 from engine.config import Config, ProblemType, greater_is_better
-from engine.data import eval_loader, load_data, loader_workers, make_collator, restore_order
+from engine.data import load_data, make_collator, restore_order, run_eval_loader
 from engine.errors import EngineError
 from engine.metrics import compute_metrics, load_metric, per_class_report
 from engine.optim import averaged_weights
@@ -218,22 +218,11 @@ def evaluate_checkpoint(config: Config, backend: Any, run_dir: Path) -> float:
     config.data.problem_type = problem_type
     with backend.main_process_first():
         data = load_data(config.data, tokenizer, with_train=False, label_names=names)
-    loader = eval_loader(
-        data.eval,
-        config.trainer.eval_batch_size,
-        make_collator(tokenizer, config.data),
-        sort_by_length=config.data.sort_eval_by_length,
-        **loader_workers(config.data, backend.device),
-    )
+    loader = run_eval_loader(data.eval, config, make_collator(tokenizer, config.data), backend.device)
     model, loader = backend.prepare(ClassifierWithLoss(hf_model, problem_type), loader)
     metrics, _, _ = evaluate(model, loader, backend, problem_type, config.trainer.progress)
-    result = {
-        "split": config.data.eval_split,
-        "source": data.sources["validation"],
-        "checkpoint": str(weights_path),
-        "precision": backend.mixed_precision.value,  # trainer.mixed_precision as resolved for this device
-        **metrics,
-    }
+    where = {"split": config.data.eval_split, "source": data.sources["validation"], "checkpoint": str(weights_path)}
+    result = {**where, "precision": backend.mixed_precision.value, **metrics}  # precision as resolved here
     if backend.is_main_process:
         checkpoint.atomic_write_json(run_dir / "eval_metrics.json", result)
         eval_log = tracking.JsonlLogger(run_dir / tracking.EVAL_METRICS)

@@ -9,6 +9,7 @@ multi-label thresholds, evaluates the test split, draws the plots and writes the
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -21,12 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from omegaconf import DictConfig, OmegaConf
 
 from engine import checkpoint, resume, speedups, tracking
 from engine.backend import Backend, make_backend
 from engine.config import Config, MixedPrecision, NonFinite, ProblemType, validate
-from engine.data import eval_loader, load_data, loader_workers, make_collator, row_order, train_loader
+from engine.data import load_data, loader_workers, make_collator, row_order, run_eval_loader, train_loader
 from engine.errors import EngineError
 from engine.evaluation import BestKeeper, evaluate, evaluate_checkpoint, format_metrics
 from engine.metrics import compute_metrics, confusion, per_class_report, sigmoid, tune_thresholds
@@ -90,21 +92,13 @@ def _discard_stray_run_dir(folder: Path) -> None:
 
 def micro_batch_groups(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Yield lists of ``size`` consecutive batches (the last may be shorter): one optimizer step each."""
-    group: list[dict[str, torch.Tensor]] = []
-    for batch in loader:
-        group.append(batch)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
+    batches = iter(loader)
+    while group := list(itertools.islice(batches, size)):
         yield group
 
 
 def forward_backward(
-    model: torch.nn.Module,
-    classifier: torch.nn.Module,
-    backend: Backend,
-    micro_batches: list[dict[str, torch.Tensor]],
+    model: torch.nn.Module, classifier: torch.nn.Module, backend: Backend, micro_batches: list[dict[str, torch.Tensor]]
 ) -> torch.Tensor:
     """Forward and backward over the micro-batches of one optimizer step; returns the step's loss.
 
@@ -195,9 +189,7 @@ def fit(config: Config, backend: Backend, run_dir: Path, origin: tuple[float, st
     # --- Loaders, optimizer, schedule: placed by the backend -------------------------------
     collator = make_collator(tokenizer, config.data)
     workers = loader_workers(config.data, backend.device)
-    dev_loader = eval_loader(
-        data.eval, t.eval_batch_size, collator, sort_by_length=config.data.sort_eval_by_length, **workers
-    )
+    dev_loader = run_eval_loader(data.eval, config, collator, backend.device)
     dev_order = row_order(dev_loader)
     train_dl, shuffler = train_loader(
         data.train, t.batch_size, config.seed, collator, group_by_length=config.data.group_by_length, **workers
@@ -454,7 +446,7 @@ def describe_checkpoint(config: Config, data: Any, resolved: dict[str, Any]) -> 
         "problem_type": labels.problem_type.value,
         "data_sources": data.sources,
         "config": resolved,
-        "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
 
 
@@ -486,11 +478,8 @@ def finish(
         logits, gold = best_predictions
         thresholds = tune_thresholds(sigmoid(logits), gold)
         tuned = compute_metrics(logits, gold, labels.problem_type, threshold=thresholds["per_label"])
-        log.info(
-            "dev with thresholds tuned per label: %s (global threshold %.2f)",
-            format_metrics(tuned),
-            thresholds["global"],
-        )
+        tuned_text, global_threshold = format_metrics(tuned), thresholds["global"]
+        log.info("dev with thresholds tuned per label: %s (global threshold %.2f)", tuned_text, global_threshold)
         if backend.is_main_process:
             info = checkpoint.load_info(run_dir / checkpoint.BEST_INFO)
             info.update(thresholds=thresholds, metrics_tuned_thresholds=tuned)
@@ -501,13 +490,7 @@ def finish(
     if t.evaluate_test and data.test is not None and best_value is not None:
         best_weights = checkpoint.load_weights(run_dir / checkpoint.BEST_WEIGHTS) if backend.is_main_process else None
         backend.load_state_dict(model, backend.broadcast_object(best_weights))
-        test_loader = eval_loader(
-            data.test,
-            t.eval_batch_size,
-            collator,
-            sort_by_length=config.data.sort_eval_by_length,
-            **loader_workers(config.data, backend.device),
-        )
+        test_loader = run_eval_loader(data.test, config, collator, backend.device)
         test_order = row_order(test_loader)
         test_loader = backend.prepare(test_loader)[0]
         test_metrics, test_logits, test_gold = evaluate(
@@ -539,13 +522,9 @@ def finish(
                 # At the thresholds tuned on dev: the ones predictions will use.
                 threshold = thresholds["per_label"] if thresholds else 0.5
                 report = per_class_report(logits, gold, labels.problem_type, labels.names, threshold)
-                plots.plot_per_label_f1(
-                    [r["f1"] for r in report],
-                    [r["support"] for r in report],
-                    labels.names,
-                    run_dir / plots.PER_LABEL_F1,
-                    title="Per-label F1 (dev, best checkpoint, thresholds tuned per label)" if thresholds else None,
-                )
+                f1, support = [r["f1"] for r in report], [r["support"] for r in report]
+                title = "Per-label F1 (dev, best checkpoint, thresholds tuned per label)" if thresholds else None
+                plots.plot_per_label_f1(f1, support, labels.names, run_dir / plots.PER_LABEL_F1, title=title)
         summary = {
             "best_metric": t.metric_for_best,
             "best_value": best_value,
@@ -566,12 +545,3 @@ def finish(
         log.info("%s", tracking.format_summary(summary))
     backend.wait_for_everyone()
     return float(best_value)
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
