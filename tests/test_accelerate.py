@@ -83,13 +83,21 @@ def test_accumulation_run_matches_bigger_batch_on_both_backends(make_cfg, tmp_pa
     assert [s["loss"] for s in big] == pytest.approx([s["loss"] for s in acc], rel=1e-4)
 
 
-def test_bf16_run_on_cpu_is_finite_and_close_to_fp32(make_cfg, tmp_path):
+def test_bf16_and_fp16_runs_on_cpu_are_finite_and_close_to_fp32(make_cfg, tmp_path):
     train(make_cfg(*TINY, "trainer.mixed_precision=bf16", "backend=accelerate", output_dir=tmp_path / "bf16"))
     train(make_cfg(*TINY, "trainer.mixed_precision=bf16", "backend=manual", output_dir=tmp_path / "bf16m"))
+    # fp16 on the manual path: the optimizer steps through the grad scaler, the schedule is the torch optimizer's.
+    train(make_cfg(*TINY, "trainer.mixed_precision=fp16", "backend=manual", output_dir=tmp_path / "fp16m"))
     train(make_cfg(*TINY, output_dir=tmp_path / "fp32"))
     bf16, fp32 = _lines(tmp_path / "bf16" / "train_steps.jsonl"), _lines(tmp_path / "fp32" / "train_steps.jsonl")
-    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in bf16)
+    fp16 = _lines(tmp_path / "fp16m" / "train_steps.jsonl")
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in bf16 + fp16)
     assert [s["loss"] for s in bf16] == pytest.approx([s["loss"] for s in fp32], abs=0.05)
+    assert [s["loss"] for s in fp16] == pytest.approx([s["loss"] for s in fp32], abs=0.01)
+    assert [s["lr"] for s in fp16] == pytest.approx([s["lr"] for s in fp32])
+    # The scaler did step: the head moved as fp32's did (Adam moves it ~lr a step; unmoved it would be ~1e-4 off).
+    weights = [checkpoint.load_weights(tmp_path / run / checkpoint.BEST_WEIGHTS) for run in ("fp16m", "fp32")]
+    assert (weights[0]["classifier.weight"] - weights[1]["classifier.weight"]).abs().max() < 1e-5
     assert _lines(tmp_path / "bf16m" / "train_steps.jsonl")[0]["loss"] == pytest.approx(bf16[0]["loss"], abs=1e-3)
     # The dev metric too: same loss to 0.02, accuracy within one of the 40 dev rows.
     (dev_bf16,), (dev_fp32,) = _lines(tmp_path / "bf16" / "metrics.jsonl"), _lines(tmp_path / "fp32" / "metrics.jsonl")
