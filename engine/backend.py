@@ -314,6 +314,3 @@ def make_backend(config: BackendConfig, mixed_precision: MixedPrecision, inferen
     if choose_backend(config) == BackendName.accelerate:
         return AccelerateBackend(config, mixed_precision, inference)
     return ManualBackend(config, mixed_precision, inference)
-
-
-__all__ = ["AccelerateBackend", "Backend", "ManualBackend", "choose_backend", "make_backend", "unwrap"]

@@ -95,12 +95,8 @@ def save_best(run_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor], i
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     cleaned = {}
     for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
+        while key.startswith(PREFIXES):
+            key = key.split(".", 1)[1]  # every prefix is one dotted name
         cleaned[key] = value
     return cleaned
 
@@ -108,12 +104,7 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a ``state_dict`` file safely (``weights_only=True``: no pickled code can run)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"{path}: not a safe weights file ({type(error).__name__}: {error})") from None
+    state = _safe_load(path, f"checkpoint not found: {path}", "not a safe weights file")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state_dict of tensors")
     return strip_prefixes(state)
@@ -150,9 +141,7 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         raise CheckpointError(f"{source} does not fit {type(model).__name__}:\n  " + "\n  ".join(parts))
 
 
-# ---------------------------------------------------------------------------
-# Resumable training state: <run dir>/state/step_<N>/, complete when COMPLETE exists
-# ---------------------------------------------------------------------------
+# --- Resumable training state: <run dir>/state/step_<N>/, complete when COMPLETE exists ---
 
 STATE_DIR = "state"
 COMPLETE = "COMPLETE"
@@ -201,17 +190,13 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_tensor_file(path: Path, payload: Any) -> None:
-    atomic_write(path, lambda handle: torch.save(payload, handle))
-
-
 def state_step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / STATE_DIR / f"step_{step:08d}"
 
 
 def write_state_part(folder: Path, name: str, payload: Any) -> None:
     """One file of a state being written (each rank writes its own RNG file this way)."""
-    _save_tensor_file(folder / name, payload)
+    atomic_write(folder / name, lambda handle: torch.save(payload, handle))
 
 
 def begin_state(run_dir: Path, step: int) -> Path:
@@ -275,12 +260,17 @@ def latest_state(run_dir: Path) -> tuple[Path | None, list[str]]:
 
 def load_state_part(folder: Path, name: str) -> Any:
     path = Path(folder) / name
+    return _safe_load(path, f"{path}: missing from the saved state", "not a safe, complete state file")
+
+
+def _safe_load(path: Path, missing: str, unsafe: str) -> Any:
+    """``torch.load(..., weights_only=True)``: tensors and plain values only, never code."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing from the saved state")
+        raise CheckpointError(missing)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"{path}: not a safe, complete state file ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"{path}: {unsafe} ({type(error).__name__}: {error})") from None
 
 
 LOCK_FILE = ".lock"

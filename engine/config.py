@@ -8,8 +8,10 @@ a type cannot express are checked once, in :func:`validate`, before any work sta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +313,35 @@ def greater_is_better(metric: str) -> bool:
     return not any(part in LOWER_IS_BETTER for part in metric.lower().replace("-", "_").split("_"))
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+FORMATS = ("csv", "tsv", "json", "jsonl", "parquet")
+
+# The rules of single keys, checked by validate: (key, test, the rule in words for the message).
+RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    *((f"trainer.{k}", lambda v: v >= 1, ">= 1") for k in ("epochs", "batch_size", "eval_batch_size", "log_every")),
+    ("trainer.grad_accum_steps", lambda v: v >= 1, ">= 1"),
+    *((f"trainer.{k}", lambda v: v >= 0, ">= 0") for k in ("eval_every", "save_every", "max_nonfinite")),
+    ("trainer.max_steps", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("trainer.max_grad_norm", lambda v: v is None or v > 0, "> 0 or null"),
+    ("trainer.ema_decay", lambda v: v is None or 0 < v < 1, "in (0, 1) or null"),
+    ("trainer.early_stopping_patience", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("trainer.early_stopping_threshold", lambda v: v >= 0, ">= 0"),
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.layer_decay", lambda v: v is None or 0 < v <= 1, "in (0, 1] or null"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.betas", lambda v: len(v) == 2, "two numbers"),
+    ("model.reinit_layers", lambda v: v >= 0, ">= 0"),
+    ("model.dropout", lambda v: v is None or 0 <= v < 1, "in [0, 1) or null"),
+    ("data.max_length", lambda v: v >= 8, ">= 8"),
+    ("data.pad_to_multiple_of", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("data.num_labels", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("data.quoting", lambda v: v in (None, "minimal", "none"), "'minimal', 'none' or null"),
+    ("data.format", lambda v: v in (None, *FORMATS), f"one of {', '.join(FORMATS)} or null"),
+    ("speedups.compile_mode", lambda v: v in (None, *COMPILE_MODES), f"null or one of {', '.join(COMPILE_MODES)}"),
+)
+
+
 def validate(cfg: DictConfig) -> Config:
     """Resolve, type-check and cross-check ``cfg``; return the typed object.
 
@@ -328,61 +359,13 @@ def validate(cfg: DictConfig) -> Config:
         if not ok:
             problems.append(message)
 
-    t, o, d = typed.trainer, typed.optim, typed.data
-    check(t.epochs >= 1, f"trainer.epochs must be >= 1, got {t.epochs}")
-    check(t.batch_size >= 1, f"trainer.batch_size must be >= 1, got {t.batch_size}")
-    check(t.eval_batch_size >= 1, f"trainer.eval_batch_size must be >= 1, got {t.eval_batch_size}")
-    check(t.grad_accum_steps >= 1, f"trainer.grad_accum_steps must be >= 1, got {t.grad_accum_steps}")
-    check(t.eval_every >= 0, f"trainer.eval_every must be >= 0, got {t.eval_every}")
-    check(t.log_every >= 1, f"trainer.log_every must be >= 1, got {t.log_every}")
-    check(t.save_every >= 0, f"trainer.save_every must be >= 0, got {t.save_every}")
-    check(t.max_nonfinite >= 0, f"trainer.max_nonfinite must be >= 0, got {t.max_nonfinite}")
-    check(t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps must be >= 1 or null, got {t.max_steps}")
-    check(
-        t.max_grad_norm is None or t.max_grad_norm > 0,
-        f"trainer.max_grad_norm must be > 0 or null, got {t.max_grad_norm}",
-    )
-    check(t.ema_decay is None or 0 < t.ema_decay < 1, f"trainer.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
-    check(
-        t.early_stopping_patience is None or t.early_stopping_patience >= 1,
-        f"trainer.early_stopping_patience must be >= 1 or null, got {t.early_stopping_patience}",
-    )
-    check(
-        t.early_stopping_threshold >= 0,
-        f"trainer.early_stopping_threshold must be >= 0, got {t.early_stopping_threshold}",
-    )
-    check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    check(
-        o.layer_decay is None or 0 < o.layer_decay <= 1,
-        f"optim.layer_decay must be in (0, 1] or null, got {o.layer_decay}",
-    )
-    check(typed.model.reinit_layers >= 0, f"model.reinit_layers must be >= 0, got {typed.model.reinit_layers}")
-    check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    check(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
-    check(len(o.betas) == 2, f"optim.betas must hold two numbers, got {o.betas}")
-    check(
-        typed.model.dropout is None or 0 <= typed.model.dropout < 1,
-        f"model.dropout must be in [0, 1) or null, got {typed.model.dropout}",
-    )
-    check(d.max_length >= 8, f"data.max_length must be >= 8, got {d.max_length}")
-    check(
-        d.pad_to_multiple_of is None or d.pad_to_multiple_of >= 1,
-        f"data.pad_to_multiple_of must be >= 1 or null, got {d.pad_to_multiple_of}",
-    )
-    s = typed.speedups
-    check(
-        s.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-        "speedups.compile_mode must be null, default, reduce-overhead, max-autotune or "
-        f"max-autotune-no-cudagraphs, got {s.compile_mode!r}",
-    )
-    check(d.quoting in (None, "minimal", "none"), f"data.quoting must be 'minimal', 'none' or null, got {d.quoting!r}")
+    for key, ok, rule in RULES:
+        value = attrgetter(key)(typed)
+        check(ok(value), f"{key} must be {rule}, got {value!r}")
+    t, d = typed.trainer, typed.data
     check(
         d.column_names is None or len(set(d.column_names)) == len(d.column_names),
         f"data.column_names repeats a name: {d.column_names}",
-    )
-    check(
-        d.format is None or d.format in ("csv", "tsv", "json", "jsonl", "parquet"),
-        f"data.format must be one of csv, tsv, json, jsonl, parquet or null, got {d.format!r}",
     )
     check(
         t.do_train or typed.checkpoint is not None,
@@ -400,7 +383,6 @@ def validate(cfg: DictConfig) -> Config:
         d.name is not None or d.validation_file is not None,
         "data.validation_file is required when data.name (a hub data set) is not set",
     )
-    check(d.num_labels is None or d.num_labels >= 1, f"data.num_labels must be >= 1, got {d.num_labels}")
     if d.label_names is not None and d.num_labels is not None:
         check(
             len(d.label_names) == d.num_labels,
@@ -414,6 +396,6 @@ def validate(cfg: DictConfig) -> Config:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     if t.greater_is_better is None:
         t.greater_is_better = greater_is_better(t.metric_for_best)
-    if s.compile and d.pad_to_multiple_of is None:
+    if typed.speedups.compile and d.pad_to_multiple_of is None:
         d.pad_to_multiple_of = 32  # one compiled graph per 32-token length bucket, not per length
     return typed

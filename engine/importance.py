@@ -235,15 +235,10 @@ def estimate(jobs: list[dict[str, Any]], sweeper: dict[str, Any] | None = None) 
         if result.note:
             result.note += f" Estimated with {FOREST} instead."
     for key in parameters:
-        result.rows.append(
-            {
-                "parameter": key,
-                "importance": importances[key],
-                "correlation": _correlation(columns[key], values) if key in numeric else None,
-                "scale": ("log" if key in log_keys else "linear") if key in numeric else "categorical",
-                "values": len(set(parameters[key])),
-            }
-        )
+        correlation = _correlation(columns[key], values) if key in numeric else None
+        scale = ("log" if key in log_keys else "linear") if key in numeric else "categorical"
+        row = {"parameter": key, "importance": importances[key], "correlation": correlation, "scale": scale}
+        result.rows.append({**row, "values": len(set(parameters[key]))})
     result.rows.sort(key=lambda row: -row["importance"])
     return result
 
@@ -283,11 +278,9 @@ def plot(result: Importance, path: Path) -> Path | None:
     """A horizontal bar chart of the importances, most important on top; nothing without an estimate."""
     if not result.rows:
         return None
-    import matplotlib
+    from engine.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result.rows[::-1]
     figure, axis = plt.subplots(figsize=(6.4, 1.2 + 0.45 * len(rows)), constrained_layout=True)
     bars = axis.barh([row["parameter"] for row in rows], [row["importance"] for row in rows], color="tab:blue")

@@ -37,10 +37,7 @@ def softmax(values: np.ndarray) -> np.ndarray:
 
 
 def compute_metrics(
-    logits: np.ndarray,
-    labels: np.ndarray,
-    problem_type: ProblemType,
-    threshold: float | list[float] = 0.5,
+    logits: np.ndarray, labels: np.ndarray, problem_type: ProblemType, threshold: float | list[float] = 0.5
 ) -> dict[str, float]:
     """Metrics over all gathered predictions: single-label from argmax, multi-label from sigmoid."""
     metric = load_metric(ProblemType(problem_type))

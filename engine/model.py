@@ -39,10 +39,7 @@ class ClassifierWithLoss(nn.Module):
     """Wraps a ``*ForSequenceClassification`` model; ``forward(**batch)`` returns loss and logits."""
 
     def __init__(
-        self,
-        hf_model: nn.Module,
-        problem_type: ProblemType,
-        class_weights: torch.Tensor | None = None,
+        self, hf_model: nn.Module, problem_type: ProblemType, class_weights: torch.Tensor | None = None
     ) -> None:
         super().__init__()
         self.hf_model = hf_model
@@ -126,10 +123,6 @@ def resolve_class_weights(
     return weights
 
 
-def _is_local(source: str) -> bool:
-    return os.path.isdir(os.path.expanduser(source))
-
-
 def _looks_like_a_path(source: str) -> bool:
     """A hub id is ``name`` or ``owner/name``; anything else that is not a folder was meant as one."""
     return source.startswith(("/", ".", "~")) or source.endswith("/") or source.count("/") > 1
@@ -187,7 +180,7 @@ def check_hub_reachable(source: str, timeout: float = 3.0) -> None:
     import socket
     from urllib.parse import urlparse
 
-    if _is_local(source):
+    if os.path.isdir(os.path.expanduser(source)):  # a local folder
         return
     from huggingface_hub import constants, try_to_load_from_cache
 
@@ -230,14 +223,10 @@ def build_hf_model(
     refuse_custom_code(model.source)
     check_hub_reachable(model.source)
     try:
-        config = AutoConfig.from_pretrained(
-            model.source,
-            trust_remote_code=False,
-            num_labels=num_labels,
-            id2label={int(k): v for k, v in id2label.items()},
-            label2id={v: int(k) for k, v in id2label.items()},
-            problem_type=ProblemType(problem_type).value,
-        )
+        names = {int(k): v for k, v in id2label.items()}
+        labels = {"num_labels": num_labels, "id2label": names, "label2id": {v: k for k, v in names.items()}}
+        problem = ProblemType(problem_type).value
+        config = AutoConfig.from_pretrained(model.source, trust_remote_code=False, problem_type=problem, **labels)
     except Exception as error:
         raise _load_error(model.source, error) from None
     for key, value in model.config_overrides.items():

@@ -18,7 +18,7 @@ CONFUSION = "confusion_matrix.png"
 PER_LABEL_F1 = "per_label_f1.png"
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -36,7 +36,7 @@ def plot_curves(run_dir: str | Path, metric: str | None = None) -> Path | None:
         return None
     if metric is None:
         metric = "accuracy" if evals and "accuracy" in evals[0] else "micro_f1"
-    plt = _pyplot()
+    plt = pyplot()
     figure, (top, bottom) = plt.subplots(
         2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}, constrained_layout=True
     )
@@ -58,14 +58,8 @@ def plot_curves(run_dir: str | Path, metric: str | None = None) -> Path | None:
         )
         right.set_ylabel(f"dev {metric}")
     # Above the axes, in one row: never on top of the curves.
-    top.legend(
-        lines,
-        [line.get_label() for line in lines],
-        loc="lower center",
-        bbox_to_anchor=(0.5, 1.0),
-        ncol=len(lines),
-        frameon=False,
-    )
+    labels = [line.get_label() for line in lines]
+    top.legend(lines, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(lines), frameon=False)
     figure.suptitle(f"Training curves: {run_dir}", fontsize=11)
     if steps:
         bottom.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:purple")
@@ -80,7 +74,7 @@ def plot_curves(run_dir: str | Path, metric: str | None = None) -> Path | None:
 
 
 def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: str | Path, title: str = "") -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     size = max(4.5, 0.45 * len(names) + 3)
     figure, axis = plt.subplots(figsize=(size + 1.2, size), constrained_layout=True)
     image = axis.imshow(matrix, cmap="Blues")
@@ -91,15 +85,8 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: str | Path, t
     figure.suptitle(title or "Confusion matrix (dev, best checkpoint)", fontsize=11)
     high = matrix.max() if matrix.size else 0
     for (row, col), value in np.ndenumerate(matrix):
-        axis.text(
-            col,
-            row,
-            str(int(value)),
-            ha="center",
-            va="center",
-            color="white" if value > high / 2 else "black",
-            fontsize=9,
-        )
+        color = "white" if value > high / 2 else "black"
+        axis.text(col, row, str(int(value)), ha="center", va="center", color=color, fontsize=9)
     figure.colorbar(image, ax=axis, shrink=0.8)
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -109,7 +96,7 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: str | Path, t
 def plot_per_label_f1(
     f1: Sequence[float], support: Sequence[int], names: Sequence[str], path: str | Path, title: str | None = None
 ) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     order = np.argsort(f1)
     figure, axis = plt.subplots(figsize=(8, max(3.5, 0.3 * len(names) + 1.5)), constrained_layout=True)
     axis.barh(range(len(names)), np.asarray(f1)[order], color="tab:blue")

@@ -126,10 +126,7 @@ class TextClassifier:
         return names[int(row.argmax())]
 
     def predict(
-        self,
-        texts: list[str] | list[tuple[str, str]] | str,
-        batch_size: int = 64,
-        progress: bool = False,
+        self, texts: list[str] | list[tuple[str, str]] | str, batch_size: int = 64, progress: bool = False
     ) -> list[Prediction]:
         """Predict single texts or ``(text, pair)`` tuples."""
         if isinstance(texts, str):
@@ -281,12 +278,8 @@ def predict_file(
     text_pair_column = text_pair_column if text_pair_column is not None else trained.get("text_pair_column")
     input_file = Path(input_file)
     # Parsed as training parsed its files: quoting, and a header-less file's column names.
-    data = DataConfig(
-        text_column=text_column,
-        quoting=trained.get("quoting"),
-        column_names=trained.get("column_names"),
-        header=trained.get("header", True),
-    )
+    layout = {"quoting": trained.get("quoting"), "column_names": trained.get("column_names")}
+    data = DataConfig(text_column=text_column, header=trained.get("header", True), **layout)
     if not input_file.is_file():
         raise DataError(f"data file not found: {input_file}")
     suffix = input_file.suffix.lower() if input_file.suffix.lower() in (".csv", ".tsv", ".jsonl") else ".csv"
@@ -343,34 +336,25 @@ def predict_cli(cfg: Any) -> None:
     from omegaconf import OmegaConf
 
     config = OmegaConf.to_object(cfg)
+    if config.text is None and config.input_file is None and not config.export_dir:
+        raise EngineError('nothing to do: give text="...", input_file=<file> or export_dir=<folder>')
     # Warnings of loading (an emulated precision) as one line each: Hydra's logging is off here.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         classifier = load_classifier(config.checkpoint, config.device, config.precision)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
-    did = False
     if config.export_dir:
         print(f"exported to {classifier.export(config.export_dir)}")
-        did = True
     if config.text is not None:
         text: Any = (config.text, config.text_pair) if config.text_pair is not None else config.text
         prediction = classifier.predict([text])[0]
         print(f"label: {prediction.label if isinstance(prediction.label, str) else ', '.join(prediction.label)}")
         for name, p in sorted(prediction.probabilities.items(), key=lambda kv: -kv[1]):
             print(f"  {name}: {p:.4f}")
-        did = True
     if config.input_file is not None:
+        columns = (config.text_column, config.text_pair_column)
         output = predict_file(
-            classifier,
-            config.input_file,
-            config.output_file,
-            config.text_column,
-            config.text_pair_column,
-            config.batch_size,
-            config.progress,
+            classifier, config.input_file, config.output_file, *columns, config.batch_size, config.progress
         )
         print(f"predictions written to {output}")
-        did = True
-    if not did:
-        raise EngineError('nothing to do: give text="...", input_file=<file> or export_dir=<folder>')

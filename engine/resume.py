@@ -25,45 +25,18 @@ log = logging.getLogger("engine.resume")
 # What a resumed run must share with the run that saved the state: everything that changes the
 # result (a section name stands for each of its keys). The data files' contents are compared too.
 MUST_MATCH = (
-    "model.source",
-    "model.name",
-    "model.tokenizer",
-    "model.pretrained",
-    "model.config_overrides",
-    "model.dropout",
-    "model.reinit_layers",
-    "data.name",
-    "data.subset",
-    "data.train_file",
-    "data.validation_file",
-    "data.format",
-    "data.quoting",
-    "data.column_names",
-    "data.header",
-    "data.text_column",
-    "data.text_pair_column",
-    "data.label_column",
-    "data.label_delimiter",
-    "data.label_names",
-    "data.num_labels",
-    "data.problem_type",
-    "data.eval_split",
-    "data.max_length",
-    "data.max_train_samples",
-    "data.max_eval_samples",
-    "data.group_by_length",
-    "trainer.batch_size",
-    "trainer.grad_accum_steps",
-    "trainer.epochs",
-    "trainer.max_steps",
-    "trainer.max_grad_norm",
-    "trainer.eval_every",
-    "trainer.metric_for_best",
-    "trainer.greater_is_better",
-    "trainer.mixed_precision",
-    "trainer.ema_decay",
-    "trainer.early_stopping_patience",
-    "trainer.early_stopping_threshold",
+    *(f"model.{key}" for key in "source name tokenizer pretrained config_overrides dropout reinit_layers".split()),
+    *(
+        f"data.{key}"
+        for key in "name subset train_file validation_file format quoting column_names header text_column "
+        "text_pair_column label_column label_delimiter label_names num_labels problem_type eval_split max_length "
+        "max_train_samples max_eval_samples group_by_length".split()
+    ),
+    *(
+        f"trainer.{key}"
+        for key in "batch_size grad_accum_steps epochs max_steps max_grad_norm eval_every metric_for_best "
+        "greater_is_better mixed_precision ema_decay early_stopping_patience early_stopping_threshold".split()
+    ),
     "optim",
     "loss",
     "seed",
@@ -141,20 +114,15 @@ def data_fingerprints(config: dict[str, Any]) -> dict[str, str | None]:
 
 def find_state(resume: str, run_dir: Path) -> Path | None:
     """The state folder to continue from; ``None`` for ``auto`` with nothing saved yet."""
-    if resume == "auto":
-        folder, warnings = checkpoint.latest_state(run_dir)
-        for warning in warnings:
-            log.warning("%s", warning)
-        return folder
-    path = Path(resume)
-    if path.name.startswith("step_") or (path / checkpoint.COMPLETE).exists():
+    path = Path(run_dir if resume == "auto" else resume)
+    if resume != "auto" and (path.name.startswith("step_") or (path / checkpoint.COMPLETE).exists()):
         if not checkpoint.is_complete(path):
             raise CheckpointError(f"{path}: the state is incomplete (no {checkpoint.COMPLETE} marker or files missing)")
         return path
-    if not path.is_dir():
+    if not path.is_dir() and resume != "auto":
         raise CheckpointError(f"resume={resume}: no such run directory or state folder")
     folder, warnings = checkpoint.latest_state(path)
-    if folder is None:
+    if folder is None and resume != "auto":
         raise CheckpointError(
             f"resume={resume}: no complete state under {path / checkpoint.STATE_DIR}"
             + (f" ({'; '.join(warnings)})" if warnings else "")
@@ -196,16 +164,9 @@ def save(
             checkpoint.write_state_part(folder, EMA_KEY, averaged_state)
     backend.wait_for_everyone()
     if backend.is_main_process:
-        final = checkpoint.commit_state(
-            folder,
-            progress.global_step,
-            {
-                "progress": asdict(progress),
-                "world_size": backend.num_processes,
-                "config": config,
-                "data_sha256": data_fingerprints(config),
-            },
-        )
+        record = {"progress": asdict(progress), "world_size": backend.num_processes, "config": config}
+        record["data_sha256"] = data_fingerprints(config)
+        final = checkpoint.commit_state(folder, progress.global_step, record)
     backend.wait_for_everyone()
     return final
 

@@ -21,6 +21,10 @@ from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
 
+HEADERLESS = (
+    "; if that is its first data row, the file has no header: set data.column_names=[...] "
+    "or data.header=false (columns by index)"
+)
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 
@@ -28,9 +32,7 @@ class DataError(EngineError, ValueError):
     """Bad or unreadable input data; the message names the file, line or column."""
 
 
-# ---------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------
+# --- Reading ---------------------------------------------------------------
 
 
 def _first_bad_utf8_line(path: Path) -> tuple[int, int]:
@@ -205,9 +207,7 @@ def _hub_splits(data: DataConfig) -> dict[str, pd.DataFrame]:
     return {split: loaded[split].to_pandas() for split in loaded}
 
 
-# ---------------------------------------------------------------------------
-# Labels
-# ---------------------------------------------------------------------------
+# --- Labels ----------------------------------------------------------------
 
 
 @dataclass
@@ -351,9 +351,7 @@ def encode_labels(
     return encoded
 
 
-# ---------------------------------------------------------------------------
-# Splits: read, check, encode, tokenize
-# ---------------------------------------------------------------------------
+# --- Splits: read, check, encode --------------------------------------------
 
 
 @dataclass
@@ -399,13 +397,7 @@ def read_raw_splits(data: DataConfig, want: Sequence[str]) -> dict[str, RawSplit
             raise DataError(
                 f"{source}: no column {', '.join(repr(c) for c in missing)} "
                 f"(set data.text_column / data.text_pair_column / data.label_column); "
-                f"the file has columns {list(frame.columns)}"
-                + (
-                    "; if that is its first data row, the file has no header: set data.column_names=[...] "
-                    "or data.header=false (columns by index)"
-                    if data.header and data.column_names is None
-                    else ""
-                )
+                f"the file has columns {list(frame.columns)}{HEADERLESS if data.header and data.column_names is None else ''}"
             )
         if len(frame) == 0:
             raise DataError(f"{source}: the {split} split is empty (no data rows)")

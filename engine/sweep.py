@@ -29,6 +29,7 @@ SUMMARY = "summary.json"
 TABLE_MD, TABLE_CSV, GROUPS_CSV, PLOT = "sweep_summary.md", "sweep_summary.csv", "sweep_groups.csv", "sweep_summary.png"
 IMPORTANCE_CSV, IMPORTANCE_PLOT = "sweep_importance.csv", "sweep_importance.png"
 SEED_KEY = "seed"
+JOB_FIELDS = ("status", "metric", "value", "epoch", "step", "wall_s", "error")  # with job and overrides
 
 
 def _job_dir() -> Path:
@@ -80,9 +81,7 @@ def hydra_job(train: Callable[[Any], float], cfg: Any) -> float:
         return float("nan")
 
 
-# ---------------------------------------------------------------------------
-# The summary
-# ---------------------------------------------------------------------------
+# --- The summary -------------------------------------------------------------
 
 
 def _overrides(job_dir: Path) -> list[str]:
@@ -107,18 +106,8 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         overrides = [o for o in _overrides(job_dir) if not _split(o)[0].startswith("hydra.")]
         if not overrides and not (job_dir / ".hydra").is_dir() and not (job_dir / FAILED).is_file():
             continue
-        row: dict[str, Any] = {
-            "job": job_dir.name,
-            "overrides": overrides,
-            "status": "incomplete",
-            "metric": None,
-            "value": None,
-            "epoch": None,
-            "step": None,
-            "wall_s": None,
-            "error": None,
-            "greater_is_better": True,
-        }
+        row: dict[str, Any] = dict.fromkeys(JOB_FIELDS)
+        row.update(job=job_dir.name, overrides=overrides, status="incomplete", greater_is_better=True)
         if (job_dir / FAILED).is_file():
             row.update(status="failed", error=json.loads((job_dir / FAILED).read_text())["error"])
         elif (job_dir / SUMMARY).is_file():
@@ -148,17 +137,10 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     result = []
     for key, members in groups.items():
         values = np.array([m["value"] for m in members], dtype=np.float64)
-        result.append(
-            {
-                "overrides": list(key),
-                "metric": members[0]["metric"],
-                "mean": float(values.mean()),
-                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                "n": len(values),
-                "seeds": sorted(_split(o)[1] for m in members for o in m["overrides"] if _split(o)[0] == SEED_KEY),
-                "greater_is_better": members[0]["greater_is_better"],
-            }
-        )
+        seeds = sorted(_split(o)[1] for m in members for o in m["overrides"] if _split(o)[0] == SEED_KEY)
+        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        group = {"overrides": list(key), "metric": members[0]["metric"], "mean": float(values.mean()), "std": std}
+        result.append({**group, "n": len(values), "seeds": seeds, "greater_is_better": members[0]["greater_is_better"]})
     better = result[0]["greater_is_better"] if result else True
     return sorted(result, key=lambda g: -g["mean"] if better else g["mean"])
 
@@ -208,11 +190,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     swept = sorted({_split(o)[0] for r in finished for o in r["overrides"]} - {SEED_KEY})
     if not finished or not swept:
         return None
-    import matplotlib
+    from engine.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(swept), figsize=(4.2 * len(swept), 3.6), squeeze=False, constrained_layout=True)
     metric = finished[0]["metric"]
     for axis, key in zip(axes[0], swept, strict=True):
@@ -226,15 +206,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
             order = sorted(values)
         for x, setting in enumerate(order):
             axis.scatter([x] * len(values[setting]), values[setting], color="tab:blue", alpha=0.6)
-            axis.errorbar(
-                [x],
-                [np.mean(values[setting])],
-                yerr=[np.std(values[setting])],
-                fmt="_",
-                color="tab:red",
-                markersize=18,
-                capsize=4,
-            )
+            mean, std = np.mean(values[setting]), np.std(values[setting])
+            axis.errorbar([x], [mean], yerr=[std], fmt="_", color="tab:red", markersize=18, capsize=4)
         axis.set_xticks(range(len(order)), labels=order, rotation=30, ha="right")
         axis.set_xlabel(key)
         axis.set_ylabel(f"best dev {metric}")
@@ -269,11 +242,7 @@ def summarize(sweep_dir: str | Path) -> dict[str, Any]:
             )
         atomic_write(path, lambda h: h.write(buffer.getvalue().encode()))
 
-    write_csv(
-        sweep_dir / TABLE_CSV,
-        rows,
-        ["job", "overrides", "status", "metric", "value", "epoch", "step", "wall_s", "error"],
-    )
+    write_csv(sweep_dir / TABLE_CSV, rows, ["job", "overrides", *JOB_FIELDS])
     write_csv(sweep_dir / GROUPS_CSV, groups, ["overrides", "metric", "mean", "std", "n", "seeds"])
     _plot(rows, sweep_dir / PLOT)
     if ranked.rows:

@@ -244,18 +244,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f" of {summary['steps']}",
     ]
     if summary.get("test"):
-        lines.append(
-            "  test (best checkpoint): "
-            + " ".join(f"{k}={v:.4f}" for k, v in summary["test"].items() if isinstance(v, float))
-        )
+        test = " ".join(f"{k}={v:.4f}" for k, v in summary["test"].items() if isinstance(v, float))
+        lines.append(f"  test (best checkpoint): {test}")
+    startup = summary.get("startup_seconds")
     lines += [
         f"  wall time {summary['wall_seconds']:.1f} s | training {summary['train_samples_per_s']:.1f} samples/s, "
         f"{summary['train_tokens_per_s']:.0f} tokens/s on {summary['processes']} process(es)"
-        + (
-            f" | first step {summary['startup_seconds']:.1f} s after start"
-            if summary.get("startup_seconds") is not None
-            else ""
-        ),
+        + (f" | first step {startup:.1f} s after start" if startup is not None else ""),
         f"  files in {summary['run_dir']}: {', '.join(summary['files'])}",
     ]
     return "\n".join(lines)

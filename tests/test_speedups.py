@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine import speedups
-from engine.config import validate
+from engine.config import SpeedupsConfig, validate
 from engine.errors import EngineError
 from tests.conftest import ROOT, TINY
 from tests.test_model import tiny
@@ -106,3 +106,19 @@ def test_no_compiled_code_in_the_engine():
     assert not [p for p in (ROOT / "engine").rglob("*") if p.suffix in (".c", ".h", ".cpp", ".so")]
     for path in (ROOT / "engine").rglob("*.py"):
         assert "ctypes" not in path.read_text(), path
+
+
+def test_the_engine_keeps_its_plain_shape():
+    """Issue 26's bounds: the engine's Python, the wing, ``fit``, the README, a trainer config without speed keys."""
+
+    def lines(paths):
+        return sum(len(p.read_text().splitlines()) for p in paths)
+
+    assert lines((ROOT / "engine").rglob("*.py")) <= 5500
+    assert lines((ROOT / "engine" / "speedups").rglob("*.py")) <= 1000
+    loop = ast.parse((ROOT / "engine" / "loop.py").read_text())
+    (fit,) = [node for node in loop.body if isinstance(node, ast.FunctionDef) and node.name == "fit"]
+    assert fit.end_lineno - fit.lineno + 1 <= 150
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+    trainer_keys = (ROOT / "conf" / "trainer" / "default.yaml").read_text()
+    assert not [f for f in SpeedupsConfig.__dataclass_fields__ if f"{f}:" in trainer_keys]

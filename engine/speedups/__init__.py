@@ -136,9 +136,7 @@ def compile_encoder(hf_model: nn.Module, settings, data) -> None:
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4 * buckets + 4))
     options = {"mode": settings.compile_mode} if settings.compile_mode else {}
     hf_model.compile(backend=settings.compile_backend, dynamic=False, **options)
+    tokens = data.pad_to_multiple_of
     log.info(
-        "torch.compile (backend %s): up to %d length buckets of %d tokens",
-        settings.compile_backend,
-        buckets,
-        data.pad_to_multiple_of,
+        "torch.compile (backend %s): up to %d length buckets of %d tokens", settings.compile_backend, buckets, tokens
     )
