@@ -188,3 +188,15 @@ def test_engine_exports_load_classifier():
     from engine.predict import load_classifier as direct
 
     assert load_classifier is direct
+
+
+def test_predict_with_nothing_to_do_says_so_before_loading_anything(tmp_path):
+    from omegaconf import OmegaConf
+
+    from engine.config import PredictConfig
+    from engine.errors import EngineError
+    from engine.predict import predict_cli
+
+    missing = tmp_path / "no_such_run"  # never opened: the request is checked first
+    with pytest.raises(EngineError, match=r'^nothing to do: give text="\.\.\.", input_file=<file> or export_dir='):
+        predict_cli(OmegaConf.structured(PredictConfig(checkpoint=str(missing))))
