@@ -37,9 +37,9 @@ def plot_curves(run_dir: str | Path, metric: str | None = None) -> Path | None:
     if metric is None:
         metric = "accuracy" if evals and "accuracy" in evals[0] else "micro_f1"
     plt = pyplot()
-    figure, (top, bottom) = plt.subplots(
-        2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}, constrained_layout=True
-    )
+    # Fixed margins: a layout engine would cost more than the drawing (~0.3 s a run).
+    grid = {"height_ratios": [3, 1.3], "left": 0.09, "right": 0.91, "top": 0.86, "bottom": 0.08, "hspace": 0.12}
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw=grid)
     lines = []
     if steps:
         lines += top.plot(
