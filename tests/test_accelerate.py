@@ -106,7 +106,7 @@ def test_bf16_and_fp16_runs_on_cpu_are_finite_and_close_to_fp32(make_cfg, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dev_size", [7, 9])
+@pytest.mark.parametrize("dev_size", [9])  # odd, under one batch a rank: the gather drops what Accelerate pads
 def test_two_gloo_processes_one_run_dir_every_dev_sample_once(tmp_path, dev_size):
     result = subprocess.run(
         [

@@ -19,6 +19,7 @@ from engine import checkpoint, resume
 from engine.checkpoint import CheckpointError
 from engine.errors import EngineError
 from engine.loop import train
+from engine.sources import DataError
 from tests.conftest import ROOT, TINY, PicklePayload, accelerate_launch, subprocess_env
 
 # Shuffling, dropout (the tiny model keeps BERT's 0.1) and a state every 3 steps.
@@ -353,27 +354,29 @@ BAD_FILES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_FILES))
-def test_bad_data_files_fail_before_work_with_file_and_line(tmp_path, case):
+def _bad_data_overrides(tmp_path, case):
     content, message = BAD_FILES[case]
     (tmp_path / "train.csv").write_bytes(content)
     (tmp_path / "dev.csv").write_bytes(b"text,label\nok,1\n")
-    result = _run(
-        [
-            str(ROOT / "train.py"),
-            "model=tiny",
-            "data=local",
-            f"data.train_file={tmp_path}/train.csv",
-            f"data.validation_file={tmp_path}/dev.csv",
-            "data.text_column=text",
-            f"hydra.run.dir={tmp_path}/run",
-            f"data.cache_dir={tmp_path}/cache",
-        ],
-        tmp_path,
-    )
+    files = [f"data.train_file={tmp_path}/train.csv", f"data.validation_file={tmp_path}/dev.csv"]
+    return ["model=tiny", "data=local", *files, "data.text_column=text", f"data.cache_dir={tmp_path}/cache"], message
+
+
+def test_bad_data_file_on_the_command_line_is_one_line_exit_2_before_work(tmp_path):
+    overrides, message = _bad_data_overrides(tmp_path, "quoting")
+    result = _run([str(ROOT / "train.py"), *overrides, f"hydra.run.dir={tmp_path}/run"], tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert {p.name for p in (tmp_path / "run").iterdir()} <= {".hydra", "train.log"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_data_files_fail_before_work_with_file_and_line(tmp_path, make_cfg, case):
+    overrides, message = _bad_data_overrides(tmp_path, case)
+    with pytest.raises(DataError) as raised:
+        train(make_cfg(*overrides))
+    assert message in str(raised.value)
+    assert {p.name for p in (tmp_path / "run").iterdir()} <= {"train.log"}  # nothing trained, nothing saved
 
 
 def test_a_byte_order_mark_is_read_cleanly(tmp_path, make_cfg):
