@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -77,11 +78,34 @@ def test_resume_after_a_hard_kill_is_bit_exact(tmp_path, make_cfg):
 
 
 @pytest.mark.slow
-def test_resume_on_two_gloo_processes_is_bit_exact(tmp_path):
+def test_two_gloo_processes_share_one_run_dir_see_every_dev_sample_once_and_resume_bit_exact(tmp_path):
+    """Three 2-process launches: a clean run in Hydra's own run dir (rank 1 must follow rank 0's), one
+    killed after step 8, and its resume; the resumed run must equal the clean one bit for bit."""
     launcher = accelerate_launch(29611)
-    common = [*RUN, "trainer.batch_size=4", f"data.cache_dir={tmp_path}/cache"]
-    clean = _run([str(ROOT / "train.py"), *common, f"hydra.run.dir={tmp_path}/clean"], tmp_path, launcher)
+    # 80 rows, batch 4, 2 processes: 10 steps an epoch, 20 in all; 9 dev rows (odd, under one batch a
+    # rank): the gather must drop what Accelerate pads.
+    common = [*RUN, "trainer.batch_size=4", "data.max_eval_samples=9", f"data.cache_dir={tmp_path}/cache"]
+    clean = _run([str(ROOT / "train.py"), *common, "trainer.progress=true"], tmp_path, launcher)
     assert clean.returncode == 0, clean.stderr[-3000:]
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs  # rank 1 followed rank 0's run dir
+    run = runs[0]
+    assert len(list(run.glob("*.pth"))) == 1
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["samples"] for e in evals] == [9, 9]
+    assert len(_steps(run)) == 20
+    log = (run / "train.log").read_text()
+    assert "2 process(es)" in log and log.count("eval epoch 0 step 10") == 1  # only rank 0 logs
+    # one progress report (rank 0's); stderr is a pipe, so it is a plain line, not a redrawn bar
+    assert re.findall(r"^train: \d+/20 steps .*$", clean.stderr, re.M) == [
+        re.search(r"^train: 20/20 steps .*$", clean.stderr, re.M)[0]
+    ]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    best = torch.load(run / "best_acc_classify.pth", weights_only=True)
+    assert not any(k.startswith("module.") for k in best)
+    info = json.loads((run / "best_acc_classify.json").read_text())
+    assert info["metric_value"] == max(e["accuracy"] for e in evals)
+
     killed = _run([HELPER, "--exit-after-step", "8", *common, f"hydra.run.dir={tmp_path}/killed"], tmp_path, launcher)
     assert killed.returncode != 0
     assert checkpoint.latest_state(tmp_path / "killed")[0].name == "step_00000006"
@@ -91,7 +115,7 @@ def test_resume_on_two_gloo_processes_is_bit_exact(tmp_path):
         launcher,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same_run(tmp_path / "clean", tmp_path / "killed")
+    _assert_same_run(run, tmp_path / "killed")
 
 
 def test_sigterm_saves_a_complete_state_and_exits_143_then_resumes_exactly(tmp_path, make_cfg):
