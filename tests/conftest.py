@@ -139,9 +139,3 @@ def speedup_on_and_off(make_cfg, tmp_path: Path, name: str, *overrides: str) -> 
     assert f"speed-ups: {name}\n" in (on / "train.log").read_text()
     assert "speed-ups: none\n" in (off / "train.log").read_text()
     return on, off
-
-
-def pytest_collection_modifyitems(config, items):
-    """The long multi-process and sweep tests (marked slow) first: two pytest-xdist workers then end
-    on short tests, not one of them on a minute-long launch while the other waits."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
