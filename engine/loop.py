@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from omegaconf import DictConfig, OmegaConf
 
 from engine import checkpoint, resume, speedups, tracking
@@ -436,6 +435,8 @@ def count_nonfinite_steps(progress: resume.Progress, t: Any, skipped: int) -> No
 
 def describe_checkpoint(config: Config, data: Any, resolved: dict[str, Any]) -> dict[str, Any]:
     """What ``best_acc_classify.json`` says besides the metric, its value and the step."""
+    import transformers  # loaded by now: the model is built
+
     labels = data.labels
     return {
         "model_source": config.model.source,
