@@ -77,10 +77,12 @@ def autocast_dtype(precision: MixedPrecision) -> torch.dtype | None:
     return {MixedPrecision.bf16: torch.bfloat16, MixedPrecision.fp16: torch.float16}.get(precision)
 
 
-class _ScaledOptimizer:
-    """fp16 on the manual path: ``step`` goes through the grad scaler, as Accelerate's does."""
+class _ScaledOptimizer(torch.optim.Optimizer):
+    """fp16 on the manual path: ``step`` goes through the grad scaler, as Accelerate's does; an
+    ``Optimizer``, as Accelerate's wrapper is, so that a learning-rate schedule takes it."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        # No Optimizer.__init__: the parameter groups, defaults and state are the inner optimizer's.
         self.optimizer = optimizer
         self.scaler = scaler
         self.unscaled = False
@@ -102,6 +104,14 @@ class _ScaledOptimizer:
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
 
 
 class ManualBackend:

@@ -12,11 +12,14 @@ import io
 import json
 import math
 import os
+import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.errors import EngineError
@@ -152,10 +155,6 @@ REPLACED = ".replaced"  # suffix of a complete state set aside while its step is
 
 def capture_rng() -> dict[str, Any]:
     """Every generator this process draws from, as tensors and plain values (weights_only-safe)."""
-    import random
-
-    import numpy as np
-
     kind, keys, position, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
@@ -175,10 +174,6 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
     python = state["python"]
     random.setstate((python["version"], tuple(int(v) for v in python["internal"].tolist()), python["gauss"]))
     numpy = state["numpy"]
@@ -201,8 +196,6 @@ def write_state_part(folder: Path, name: str, payload: Any) -> None:
 
 def begin_state(run_dir: Path, step: int) -> Path:
     """The temp folder a new state is written into (removed first if a crash left one)."""
-    import shutil
-
     folder = Path(run_dir) / STATE_DIR / f".tmp_step_{step:08d}"
     if folder.exists():
         shutil.rmtree(folder)
@@ -212,8 +205,6 @@ def begin_state(run_dir: Path, step: int) -> Path:
 
 def commit_state(folder: Path, step: int, progress: dict[str, Any]) -> Path:
     """Write the progress record and the COMPLETE marker, rename into place, then drop older states."""
-    import shutil
-
     atomic_write_json(folder / PROGRESS_FILE, progress)
     atomic_write(folder / COMPLETE, lambda handle: handle.write(b"ok\n"))
     _fsync_dir(folder)
@@ -327,8 +318,6 @@ class RunDirLock:
 def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     """The ``.<name>.*.tmp`` files and ``state/.tmp_step_*`` folders a killed writer left (call it holding
     the run directory's lock, when no writer can be at work)."""
-    import shutil
-
     stale = [p for p in Path(run_dir).glob(".*.tmp") if p.is_file()]
     state = Path(run_dir) / STATE_DIR
     if state.is_dir():

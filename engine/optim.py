@@ -100,8 +100,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps:
     """``optim.scheduler`` over ``steps`` optimizer steps, warming up over ``optim.warmup_ratio`` of them."""
     from transformers import get_scheduler
 
-    if not isinstance(optimizer, torch.optim.Optimizer):  # the manual backend's fp16 wrapper: its torch optimizer
-        optimizer = optimizer.optimizer
     warmup = math.ceil(optim.warmup_ratio * steps)
     return get_scheduler(optim.scheduler, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
